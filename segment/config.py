@@ -1,0 +1,171 @@
+"""Typed experiment configuration, loaded from YAML with ``--set key=value`` overrides.
+
+Every section forbids unknown keys, so a typo fails loudly instead of silently training the
+default. Errors are raised as :class:`ConfigError` carrying one sentence that names the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration the user wrote cannot be used; the message says which key and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+MAX_DERIVED_CHANNELS = 320  # nnU-Net's cap: wider bottlenecks cost memory for little gain
+
+
+class ModelConfig(_Section):
+    """The U-Net: levels, encoder kind, how long skips join, and skip dropout."""
+
+    spatial_dims: Literal[2, 3] = 3
+    in_channels: int = Field(1, ge=1)
+    out_channels: int = Field(2, ge=1)
+    # Resolution levels; level 1 is full resolution, the last is the bottleneck.
+    levels: int = Field(5, ge=2, le=8)
+    # Feature channels per level: given explicitly, or base_channels doubled per level.
+    channels: tuple[int, ...] | None = None
+    base_channels: int = Field(16, ge=1)
+    encoder: Literal["plain", "resnet"] = "plain"
+    # Residual blocks per level (resnet encoder only). None means ResNet-18-like:
+    # one block at full resolution, two per deeper level. ResNet-34-like is 1,3,4,6,3.
+    blocks_per_level: tuple[int, ...] | None = None
+    block: Literal["basic", "bottleneck"] = "basic"
+    skip_mode: Literal["concat", "add"] = "concat"
+    # Probability that a long skip is zeroed for a training batch: one value for every
+    # level, or one per level.
+    skip_dropout: float | tuple[float, ...] = 0.0
+    norm: Literal["instance", "batch"] = "instance"
+    act: Literal["leakyrelu", "relu", "prelu", "gelu"] = "leakyrelu"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Channels per level, finest first."""
+        if self.channels is not None:
+            return self.channels
+        return tuple(min(self.base_channels * 2**level, MAX_DERIVED_CHANNELS) for level in range(self.levels))
+
+    @property
+    def num_skips(self) -> int:
+        return self.levels - 1
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelConfig:
+        if self.channels is not None:
+            if len(self.channels) != self.levels:
+                raise ValueError(
+                    f"channels lists {len(self.channels)} widths but levels is {self.levels}; "
+                    f"give one width per level"
+                )
+            if any(c < 1 for c in self.channels):
+                raise ValueError(f"channels must all be positive, got {list(self.channels)}")
+        if self.blocks_per_level is not None:
+            if self.encoder != "resnet":
+                raise ValueError("blocks_per_level applies only to the resnet encoder")
+            if len(self.blocks_per_level) != self.levels:
+                raise ValueError(
+                    f"blocks_per_level has {len(self.blocks_per_level)} entries but levels is "
+                    f"{self.levels}; give one block count per level"
+                )
+            if any(b < 1 for b in self.blocks_per_level):
+                raise ValueError("blocks_per_level must all be at least 1")
+        probabilities = self.skip_dropout_per_level
+        if len(probabilities) != self.num_skips:
+            raise ValueError(
+                f"skip_dropout has {len(probabilities)} entries but the model has "
+                f"{self.num_skips} long skips (one fewer than the {self.levels} levels)"
+            )
+        if any(not 0.0 <= p < 1.0 for p in probabilities):
+            raise ValueError(f"skip_dropout values must be in [0, 1), got {list(probabilities)}")
+        return self
+
+    @property
+    def skip_dropout_per_level(self) -> tuple[float, ...]:
+        if isinstance(self.skip_dropout, tuple):
+            return self.skip_dropout
+        return (float(self.skip_dropout),) * self.num_skips
+
+    @property
+    def resnet_blocks(self) -> tuple[int, ...]:
+        return self.blocks_per_level or (1,) + (2,) * (self.levels - 1)
+
+
+class ExperimentConfig(_Section):
+    """One experiment: a named model on a task with a training recipe."""
+
+    name: str = Field(..., min_length=1)
+    model: ModelConfig = ModelConfig()
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "config"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{where}'; check its spelling against the documented keys."
+    message = first["msg"].removeprefix("Value error, ")
+    given = first.get("input")
+    shown = "" if isinstance(given, dict) else f" (got {given!r})"
+    return f"{source}: {where}: {message}{shown}."
+
+
+def _set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
+    parts = dotted_key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted_key}: '{part}' is a value, not a section.")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides; values are parsed as YAML (``0.3``, ``[8,16]``)."""
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {override!r}: expected key=value, e.g. trainer.max_epochs=2.")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def build_config(tree: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    """Validate a plain dictionary into an :class:`ExperimentConfig`."""
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment file, apply overrides and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist; pick one from configs/.")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error.__class__.__name__}.") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, not a {type(tree).__name__}.")
+    tree.setdefault("name", path.stem)
+    return build_config(apply_overrides(tree, overrides or []), source=str(path))
+
+
+def config_to_yaml(config: ExperimentConfig) -> str:
+    """The resolved configuration as YAML, readable by :func:`load_config`."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

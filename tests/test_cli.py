@@ -1,0 +1,35 @@
+"""The installed ``segment`` command, run as a user would run it."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_segment(*args: str) -> subprocess.CompletedProcess:
+    executable = shutil.which("segment", path=str(Path(sys.executable).parent))
+    assert executable, "the segment console script is not installed next to this Python"
+    return subprocess.run([executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_help_lists_the_commands():
+    result = run_segment("--help")
+    assert result.returncode == 0
+    assert "describe" in result.stdout
+
+
+def test_describe_prints_the_default_model():
+    result = run_segment("describe", "--config", "configs/hippocampus_3d.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "channels per level: [16, 32, 64, 128, 256]" in result.stdout
+    assert "long skips: 4" in result.stdout
+
+
+def test_bad_override_exits_non_zero_with_one_line_and_no_traceback():
+    result = run_segment("describe", "--config", "configs/hippocampus_3d.yaml", "--set", "model.encoder=vgg")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert "model.encoder" in result.stderr

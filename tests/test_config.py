@@ -1,0 +1,57 @@
+"""Experiment configs: the shipped ones load, overrides apply, mistakes get one clear sentence."""
+
+from pathlib import Path
+
+import pytest
+
+from segment.config import ConfigError, load_config
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_loads(path):
+    config = load_config(path)
+    assert config.name == path.stem
+
+
+def test_overrides_are_parsed_as_yaml_values():
+    config = load_config(CONFIGS[0], ["model.skip_dropout=[0.1, 0.2, 0.3, 0.4]", "model.encoder=resnet"])
+    assert config.model.skip_dropout_per_level == (0.1, 0.2, 0.3, 0.4)
+    assert config.model.encoder == "resnet"
+
+
+def test_channels_default_to_base_channels_doubled_per_level():
+    config = load_config(CONFIGS[0], ["model.levels=4", "model.base_channels=8"])
+    assert config.model.widths == (8, 16, 32, 64)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model.encoder=vgg", r"model\.encoder: Input should be 'plain' or 'resnet' \(got 'vgg'\)"),
+        ("model.channels=[8,16,32]", "channels lists 3 widths but levels is 5"),
+        ("model.chanels=[8,16]", "unknown key 'model.chanels'"),
+        ("trainer_typo.lr=1", "unknown key 'trainer_typo'"),
+        ("model.skip_dropout=[0.1,0.2]", "skip_dropout has 2 entries but the model has 4 long skips"),
+        ("model.skip_dropout=1.5", r"skip_dropout values must be in \[0, 1\)"),
+        ("model.blocks_per_level=[1,2,2]", "blocks_per_level applies only to the resnet encoder"),
+        ("model.levels=1", "model.levels: Input should be greater than or equal to 2"),
+        ("model", "expected key=value"),
+    ],
+)
+def test_bad_config_fails_with_one_sentence_naming_the_problem(override, expected):
+    with pytest.raises(ConfigError, match=expected) as caught:
+        load_config(CONFIGS[0], [override])
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.endswith(".")
+
+
+def test_missing_and_malformed_files_are_reported(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(broken)
