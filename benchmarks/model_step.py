@@ -69,8 +69,10 @@ def main() -> None:
         strides=(2,) * (len(widths) - 1),
         num_res_units=2,
     )
-    print(f"input {tuple(batch.shape)}, torch threads {torch.get_num_threads()}, "
-          f"{args.warmup} warm-up + {args.repeats} timed steps, median")
+    print(
+        f"input {tuple(batch.shape)}, torch threads {torch.get_num_threads()}, "
+        f"{args.warmup} warm-up + {args.repeats} timed steps, median"
+    )
     # Interleave the models so machine noise hits them alike.
     results: dict[str, list[float]] = {"ours": [], "BasicUNet": [], "MONAI UNet": []}
     models = {"ours": ours, "BasicUNet": basic, "MONAI UNet": monai_unet}

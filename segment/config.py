@@ -100,11 +100,77 @@ class ModelConfig(_Section):
         return self.blocks_per_level or (1,) + (2,) * (self.levels - 1)
 
 
+class DataConfig(_Section):
+    """Which MSD-layout task to read, how to normalise it, and how to split it."""
+
+    task: str = "Task04_Hippocampus"
+    # Intensity normalisation: z-score inside the body for MRI and EM after clipping to
+    # percentiles; a fixed Hounsfield window for CT.
+    modality: Literal["mri", "ct", "em"] = "mri"
+    ct_window: tuple[float, float] = (-175.0, 250.0)
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    # Resample to this voxel spacing (mm); None keeps each scan's own spacing.
+    spacing: tuple[float, ...] | None = None
+    # Train on random patches of this size; None trains on whole volumes (or slices in 2D).
+    patch_size: tuple[int, ...] | None = None
+    patches_per_volume: int = Field(2, ge=1)
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    split_seed: int = 0
+    # Use only the first N cases of the task (after sorting): quick experiments and tests.
+    max_cases: int | None = Field(None, ge=2)
+    cache_rate: float = Field(1.0, ge=0.0, le=1.0)
+    num_workers: int = Field(0, ge=0)
+    augment: bool = True
+    # Spatial axes (of the RAS volume) along which training samples are mirrored at random.
+    # Mirroring along an axis that carries label meaning (anterior vs posterior) teaches the
+    # model to confuse those labels, so tasks choose their own.
+    flip_axes: tuple[int, ...] = (0,)
+
+
+class TrainerConfig(_Section):
+    """The optimisation recipe and its budget."""
+
+    max_epochs: int = Field(100, ge=1)
+    # Stop after this many minutes of training, whatever the epoch (None: no limit).
+    max_minutes: float | None = Field(None, gt=0)
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: int = Field(2, ge=0)
+    schedule: Literal["cosine", "poly"] = "cosine"
+    grad_clip: float | None = Field(12.0, gt=0)
+    val_every: int = Field(1, ge=1)
+    # Sliding-window size for validation and prediction; None runs whole volumes.
+    roi_size: tuple[int, ...] | None = None
+    sw_batch_size: int = Field(4, ge=1)
+    # Mixed precision: fp16 on CUDA, bf16 on a CPU that supports it; "off" for fp32.
+    amp: Literal["auto", "off"] = "auto"
+    channels_last: bool = True
+    seed: int = 0
+
+
 class ExperimentConfig(_Section):
     """One experiment: a named model on a task with a training recipe."""
 
     name: str = Field(..., min_length=1)
+    data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
+    trainer: TrainerConfig = TrainerConfig()
+
+    @model_validator(mode="after")
+    def _check_dimensions(self) -> ExperimentConfig:
+        dims = self.model.spatial_dims
+        for key, value in (
+            ("data.patch_size", self.data.patch_size),
+            ("trainer.roi_size", self.trainer.roi_size),
+        ):
+            if value is not None and len(value) != dims:
+                raise ValueError(f"{key} has {len(value)} sizes but the model is {dims}D")
+        if any(not 0 <= axis < dims for axis in self.data.flip_axes):
+            raise ValueError(f"data.flip_axes must name spatial axes 0..{dims - 1} of the {dims}D samples")
+        if self.data.spacing is not None and len(self.data.spacing) != 3:
+            raise ValueError("data.spacing needs three values (mm), scans are read as 3D volumes")
+        return self
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:

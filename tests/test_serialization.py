@@ -50,6 +50,8 @@ def test_corrupt_weights_give_a_clear_error(tmp_path):
 
 def test_weights_from_another_architecture_are_refused(tmp_path):
     save_model(build_model(experiment().model), experiment(), tmp_path)
-    (tmp_path / "config.yaml").write_text((tmp_path / "config.yaml").read_text().replace("levels: 4", "levels: 3"))
+    (tmp_path / "config.yaml").write_text(
+        (tmp_path / "config.yaml").read_text().replace("levels: 4", "levels: 3")
+    )
     with pytest.raises(ModelLoadError, match="does not match the architecture"):
         load_model(tmp_path)

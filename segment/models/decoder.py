@@ -26,6 +26,8 @@ class DecoderLevel(nn.Module):
 
     def forward(self, deeper: torch.Tensor, skip: torch.Tensor, skip_on: bool) -> torch.Tensor:
         x = self.upsample(deeper)
+        # Encoder levels round odd sizes up, so the upsampled map can be one voxel too big.
+        x = x[(slice(None), slice(None), *(slice(0, size) for size in skip.shape[2:]))]
         if self.concat:
             # A disabled concatenative skip is zero-filled so the convolution's input width holds.
             x = torch.cat([skip if skip_on else torch.zeros_like(skip), x], dim=1)

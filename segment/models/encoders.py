@@ -29,14 +29,17 @@ class LevelEncoder(nn.Module):
 
 
 class PlainEncoder(LevelEncoder):
-    """Classic U-Net encoder: two conv-norm-act per level, 2x max pooling between levels."""
+    """Classic U-Net encoder: two conv-norm-act per level, 2x max pooling between levels
+    (rounding odd sizes up, so no input padding is needed)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         pool = Pool[Pool.MAX, config.spatial_dims]
         stages = [double_conv(config, config.in_channels, config.widths[0])]
         for previous, current in zip(config.widths[:-1], config.widths[1:], strict=True):
-            stages.append(nn.Sequential(pool(kernel_size=2), double_conv(config, previous, current)))
+            stages.append(
+                nn.Sequential(pool(kernel_size=2, ceil_mode=True), double_conv(config, previous, current))
+            )
         self.stages = nn.ModuleList(stages)
         self.out_channels = tuple(config.widths)
 

@@ -40,7 +40,9 @@ def save_model(model: UNet, config: ExperimentConfig, directory: str | Path) -> 
     """Write ``model.safetensors`` and ``config.yaml`` into ``directory``; returns it."""
     directory = Path(directory)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    write_atomically(directory / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"name": config.name}))
+    write_atomically(
+        directory / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"name": config.name})
+    )
     write_atomically(directory / CONFIG_FILE, lambda p: p.write_text(config_to_yaml(config)))
     return directory
 

@@ -7,10 +7,8 @@ loaded model can serve many callers with different skip settings at once.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from monai.networks.layers import Conv
 from torch import nn
 
@@ -20,14 +18,6 @@ from segment.models.encoders import build_encoder
 
 SkipMask = Sequence[bool | int] | None
 """One flag per long skip, finest level first; None switches every skip on."""
-
-
-@dataclass(frozen=True)
-class Encoding:
-    """What :meth:`UNet.encode` returns: every level's features plus the padding to undo."""
-
-    features: list[torch.Tensor]
-    padding: tuple[tuple[int, int], ...]  # (before, after) per spatial dim, first dim first
 
 
 class UNet(nn.Module):
@@ -47,21 +37,13 @@ class UNet(nn.Module):
     def num_skips(self) -> int:
         return self.config.num_skips
 
-    @property
-    def size_multiple(self) -> int:
-        """Every spatial size is padded internally to a multiple of this."""
-        return 2 ** (self.config.levels - 1)
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x: (B, in_channels, *spatial), any size -> one feature map per level, finest first.
 
-    def encode(self, x: torch.Tensor) -> Encoding:
-        """x: (B, in_channels, *spatial) of any spatial size -> features of every level."""
-        padding = tuple(_split_padding(size, self.size_multiple) for size in x.shape[2:])
-        if any(before or after for before, after in padding):
-            # F.pad lists the last spatial dimension first.
-            flat = [amount for pair in reversed(padding) for amount in pair]
-            x = F.pad(x, flat)
-        return Encoding(self.encoder(x), padding)
+        Each level is ceil(previous / 2) in size, so odd sizes need no padding."""
+        return self.encoder(x)
 
-    def decode(self, encoding: Encoding, skips: SkipMask = None) -> torch.Tensor:
+    def decode(self, features: Sequence[torch.Tensor], skips: SkipMask = None) -> torch.Tensor:
         """Logits (B, out_channels, *spatial) at the input's size, with the given skips on.
 
         In training mode each enabled skip is also dropped with its skip-dropout probability,
@@ -70,9 +52,7 @@ class UNet(nn.Module):
         if self.training:
             dropped = torch.rand(self.num_skips) < self._skip_dropout
             skips_on = tuple(on and not drop for on, drop in zip(skips_on, dropped.tolist(), strict=True))
-        logits = self.head(self.decoder(encoding.features, skips_on))
-        crop = tuple(slice(before, logits.shape[2 + d] - after) for d, (before, after) in enumerate(encoding.padding))
-        return logits[(slice(None), slice(None), *crop)]
+        return self.head(self.decoder(features, skips_on))
 
     def forward(self, x: torch.Tensor, skips: SkipMask = None) -> torch.Tensor:
         """x: (B, in_channels, *spatial) -> logits (B, out_channels, *spatial)."""
@@ -89,11 +69,6 @@ class UNet(nn.Module):
                 f"skips; give one 0/1 per level, finest first."
             )
         return flags
-
-
-def _split_padding(size: int, multiple: int) -> tuple[int, int]:
-    total = -size % multiple
-    return total // 2, total - total // 2
 
 
 def build_model(config: ModelConfig) -> UNet:

@@ -1,0 +1,1 @@
+"""Medical Segmentation Decathlon tasks: locating, splitting, transforming, loading."""

@@ -1,0 +1,89 @@
+"""MONAI transform pipelines: the same reading and normalisation for training, validation
+and prediction, plus sampling and augmentation for training only."""
+
+from __future__ import annotations
+
+from monai import transforms as T
+
+from segment.config import ExperimentConfig
+
+IMAGE, LABEL = "image", "label"
+
+
+def read_and_normalise(config: ExperimentConfig, keys: tuple[str, ...] = (IMAGE, LABEL)) -> list:
+    """Load, channel-first, RAS orientation, optional resampling, intensity normalisation.
+
+    Deterministic, so a CacheDataset keeps its output in memory. Every scan is read as a 3D
+    volume; 2D models see its axial slices later."""
+    data = config.data
+    steps: list = [
+        T.LoadImaged(keys, image_only=True, ensure_channel_first=True),
+        T.Orientationd(keys, axcodes="RAS", labels=None),
+    ]
+    if data.spacing is not None:
+        modes = ["bilinear" if key == IMAGE else "nearest" for key in keys]
+        steps.append(T.Spacingd(keys, pixdim=data.spacing, mode=modes))
+    if data.modality == "ct":
+        low, high = data.ct_window
+        steps.append(T.ScaleIntensityRanged(IMAGE, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True))
+    else:
+        low, high = data.clip_percentiles
+        steps += [
+            T.ClipIntensityPercentilesd(IMAGE, lower=low, upper=high),
+            T.NormalizeIntensityd(IMAGE),
+        ]
+    steps.append(T.EnsureTyped(IMAGE, dtype="float32", track_meta=False))
+    if LABEL in keys:
+        steps.append(T.EnsureTyped(LABEL, dtype="uint8", track_meta=False))
+    return steps
+
+
+def _sample(config: ExperimentConfig) -> list:
+    """Choose what one training sample is: a whole volume, a patch, or an axial slice (2D)."""
+    data, dims = config.data, config.model.spatial_dims
+    keys = (IMAGE, LABEL)
+    steps: list = []
+    if dims == 2:
+        # Axial slices of the RAS volume: its last axis is inferior -> superior.
+        steps += [
+            T.RandSpatialCropSamplesd(
+                keys, roi_size=(-1, -1, 1), num_samples=data.patches_per_volume, random_size=False
+            ),
+            T.SqueezeDimd(keys, dim=3),
+        ]
+    if data.patch_size is not None:
+        steps += [
+            T.SpatialPadd(keys, spatial_size=data.patch_size),
+            T.RandCropByPosNegLabeld(
+                keys,
+                label_key=LABEL,
+                spatial_size=data.patch_size,
+                pos=1,
+                neg=1,
+                num_samples=1 if dims == 2 else data.patches_per_volume,
+            ),
+        ]
+    return steps
+
+
+def _augment(config: ExperimentConfig) -> list:
+    """Cheap augmentations: the CPU that feeds the model is also the CPU that trains it."""
+    keys = (IMAGE, LABEL)
+    flips = [T.RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in config.data.flip_axes]
+    return [
+        *flips,
+        T.RandScaleIntensityd(IMAGE, factors=0.1, prob=0.5),
+        T.RandShiftIntensityd(IMAGE, offsets=0.1, prob=0.5),
+    ]
+
+
+def training_transforms(config: ExperimentConfig) -> T.Compose:
+    steps = read_and_normalise(config) + _sample(config)
+    if config.data.augment:
+        steps += _augment(config)
+    return T.Compose(steps)
+
+
+def validation_transforms(config: ExperimentConfig) -> T.Compose:
+    """Whole volumes, read exactly as prediction reads them."""
+    return T.Compose(read_and_normalise(config))

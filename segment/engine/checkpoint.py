@@ -1,0 +1,61 @@
+"""Training checkpoints: written atomically every epoch, read back without unpickling code."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from segment.models.serialization import write_atomically
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing or unreadable."""
+
+
+@dataclass
+class TrainingState:
+    """Everything beyond the weights that a resumed run needs to carry on where it stopped."""
+
+    run_id: str
+    config_yaml: str
+    epochs_done: int = 0
+    global_step: int = 0
+    elapsed_seconds: float = 0.0
+    best_mean_dice: float = -1.0
+    best_epoch: int = 0
+    best_dice: dict[str, float] = field(default_factory=dict)
+
+
+def save_checkpoint(directory: Path, state: TrainingState, model: torch.nn.Module, optimiser, scaler) -> Path:
+    """Write ``checkpoint.pt`` via a temporary file and a rename: never half-written."""
+    payload = {
+        "state": asdict(state),
+        "model": model.state_dict(),
+        "optimiser": optimiser.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "torch_rng": torch.get_rng_state(),
+    }
+    path = directory / CHECKPOINT_FILE
+    write_atomically(path, lambda temporary: torch.save(payload, temporary))
+    return path
+
+
+def load_checkpoint(directory: Path) -> dict:
+    """Read a checkpoint with ``weights_only=True``: tensors and plain data, no code."""
+    path = directory / CHECKPOINT_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"No checkpoint at {path}; a run can only resume from the folder it trained in."
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload["state"] = TrainingState(**payload["state"])
+    except Exception as error:  # any failure to parse means the file cannot be used
+        raise CheckpointError(
+            f"The checkpoint {path} is unreadable ({error.__class__.__name__}); it may be corrupt."
+        ) from None
+    return payload

@@ -1,0 +1,88 @@
+"""Where tensors run and in what precision: CUDA with fp16 AMP when present, else the CPU
+with bf16 autocast where it has native bf16 support."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+
+class DeviceError(RuntimeError):
+    """The requested device is not available."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: full fp32
+    channels_last: bool
+
+    @property
+    def pin_memory(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def non_blocking(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        """fp16 gradients underflow without loss scaling; bf16 has fp32's range."""
+        return self.amp_dtype == torch.float16
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Move a batch tensor, in channels-last layout when that is faster."""
+        tensor = tensor.to(self.device, non_blocking=self.non_blocking)
+        if self.channels_last and tensor.dim() in (4, 5):
+            layout = torch.channels_last if tensor.dim() == 4 else torch.channels_last_3d
+            tensor = tensor.contiguous(memory_format=layout)
+        return tensor
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = model.to(self.device)
+        if self.channels_last:
+            spatial_dims = getattr(getattr(model, "config", None), "spatial_dims", 3)
+            model = model.to(
+                memory_format=torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+            )
+        return model
+
+    def describe(self) -> str:
+        precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 AMP"}[self.amp_dtype]
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
+        return f"{self.device.type} ({name}), {precision}"
+
+
+def cpu_supports_bf16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def choose_device(requested: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present; asking for ``cuda`` without one is an error."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(
+            "--device cuda was requested but PyTorch sees no CUDA GPU; use --device cpu or auto."
+        )
+    if requested != "cpu" and not requested.startswith("cuda"):
+        raise DeviceError(f"Unknown device {requested!r}; use auto, cpu or cuda.")
+    return torch.device(requested)
+
+
+def make_runtime(requested: str = "auto", amp: str = "auto", channels_last: bool = True) -> Runtime:
+    device = choose_device(requested)
+    amp_dtype = None
+    if amp == "auto":
+        if device.type == "cuda":
+            amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        elif cpu_supports_bf16():
+            amp_dtype = torch.bfloat16
+    return Runtime(device, amp_dtype, channels_last)

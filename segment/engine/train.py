@@ -1,0 +1,402 @@
+"""The training loop: one process or several (torchrun), tracked in MLflow, resumable."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from monai.losses import DiceCELoss
+from monai.utils import set_determinism
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from segment import plots, tracking
+from segment.config import ExperimentConfig, apply_overrides, build_config, config_to_yaml
+from segment.data.loaders import training_loader, validation_dataset
+from segment.data.tasks import TaskSplit, resolve_data_root, split_task
+from segment.engine.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+from segment.engine.device import Runtime, make_runtime
+from segment.engine.inference import predict_logits
+from segment.engine.validation import dice_per_class, mean_dice
+from segment.models import UNet, build_model, load_model, save_model
+
+BEST_MODEL_DIR = "best"
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    run_id: str
+    epochs_done: int
+    best_epoch: int
+    best_dice: dict[str, float]
+    best_mean_dice: float
+    wall_seconds: float
+    model_dir: Path
+    model_version: int | None
+    stop_reason: str
+    is_main_process: bool = True  # False in the other processes of a torchrun job
+
+
+class TrainingInterrupted(Exception):
+    """Training was stopped (Ctrl-C or SIGTERM) after its last checkpoint was saved."""
+
+    def __init__(self, run_id: str, epochs_done: int) -> None:
+        super().__init__(
+            f"Training stopped after epoch {epochs_done}; the checkpoint is saved. "
+            f"Continue with: segment train --resume {run_id}"
+        )
+        self.run_id = run_id
+        self.epochs_done = epochs_done
+
+
+def learning_rate(config: ExperimentConfig, progress: float, step: int, warmup_steps: int) -> float:
+    """Linear warm-up, then cosine or poly decay over ``progress`` in [0, 1]."""
+    peak = config.trainer.lr
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = min(max(progress, 0.0), 1.0)
+    if config.trainer.schedule == "poly":
+        return peak * (1.0 - progress) ** 0.9
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """A scheduler's SIGTERM stops training as cleanly as Ctrl-C does."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@dataclass
+class _Distributed:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, value):
+        """rank 0's ``value`` on every rank."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def _start_distributed(runtime_device: str) -> _Distributed:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return _Distributed()
+    backend = "nccl" if runtime_device != "cpu" and torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return _Distributed(dist.get_rank(), world_size)
+
+
+def _runtime_for(config: ExperimentConfig, device: str, distributed: _Distributed) -> Runtime:
+    if distributed.enabled and device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return make_runtime(device, config.trainer.amp, config.trainer.channels_last)
+
+
+def train(
+    config: ExperimentConfig | None = None,
+    *,
+    data_root: str | Path | None = None,
+    tracking_uri: str | None = None,
+    resume: str | None = None,
+    overrides_on_resume: list[str] | None = None,
+    output_root: str | Path = "runs",
+    device: str = "auto",
+    progress: bool = True,
+) -> TrainingResult:
+    """Train ``config`` (or resume run ``resume``) and return the summary of the best model.
+
+    Under ``torchrun`` every process calls this; rank 0 alone writes to MLflow and disk."""
+    output_root = Path(output_root)
+    distributed = _start_distributed(device)
+    try:
+        tracking.use_store(tracking_uri)
+        checkpoint = None
+        if resume is not None:
+            checkpoint = load_checkpoint(output_root / resume)
+            tree = yaml.safe_load(checkpoint["state"].config_yaml)
+            config = build_config(apply_overrides(tree, overrides_on_resume or []), source=f"run {resume}")
+        assert config is not None, "train() needs a config or a run to resume"
+        return _train(config, distributed, data_root, resume, checkpoint, output_root, device, progress)
+    finally:
+        if distributed.enabled:
+            dist.destroy_process_group()
+
+
+def _train(
+    config: ExperimentConfig,
+    distributed: _Distributed,
+    data_root: str | Path | None,
+    resume: str | None,
+    checkpoint: dict | None,
+    output_root: Path,
+    device: str,
+    progress: bool,
+) -> TrainingResult:
+    trainer = config.trainer
+    set_determinism(trainer.seed + distributed.rank)
+    runtime = _runtime_for(config, device, distributed)
+    split = split_task(config.data, resolve_data_root(data_root), download=distributed.is_main)
+    loader = training_loader(config, split, runtime.pin_memory, distributed.enabled)
+    val_data = validation_dataset(config, split, distributed.rank, distributed.world_size)
+
+    model = runtime.prepare_model(build_model(config.model))
+    optimiser = torch.optim.AdamW(model.parameters(), lr=trainer.lr, weight_decay=trainer.weight_decay)
+    scaler = torch.amp.GradScaler(runtime.device.type) if runtime.needs_grad_scaler else None
+    state = None
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimiser.load_state_dict(checkpoint["optimiser"])
+        if scaler is not None and checkpoint["scaler"]:
+            scaler.load_state_dict(checkpoint["scaler"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        state = checkpoint["state"]
+    network = DistributedDataParallel(model) if distributed.enabled else model
+    loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    run = tracking.start_run(config, resume) if distributed.is_main else None
+    try:
+        run_id = distributed.share(run.info.run_id if run else None)
+        if state is None:
+            state = TrainingState(run_id=run_id, config_yaml=config_to_yaml(config))
+        run_dir = output_root / run_id
+        if run is not None and resume is None:
+            tracking.log_run_setup(config, split.as_record(), runtime.describe())
+        loop = _Loop(
+            config,
+            distributed,
+            runtime,
+            split,
+            loader,
+            val_data,
+            model,
+            network,
+            optimiser,
+            scaler,
+            loss_function,
+            state,
+            run_dir,
+            progress,
+        )
+        with _sigterm_as_interrupt():
+            try:
+                stop_reason = loop.run()
+            except KeyboardInterrupt:
+                if run is not None:
+                    mlflow.end_run(status="KILLED")
+                raise TrainingInterrupted(run_id, state.epochs_done) from None
+        version = loop.finish() if distributed.is_main else None
+        if run is not None:
+            mlflow.end_run(status="FINISHED")
+        return TrainingResult(
+            run_id=run_id,
+            epochs_done=state.epochs_done,
+            best_epoch=state.best_epoch,
+            best_dice=dict(state.best_dice),
+            best_mean_dice=state.best_mean_dice,
+            wall_seconds=state.elapsed_seconds,
+            model_dir=run_dir / BEST_MODEL_DIR,
+            model_version=version,
+            stop_reason=stop_reason,
+            is_main_process=distributed.is_main,
+        )
+    except BaseException:
+        if run is not None and mlflow.active_run() is not None:
+            mlflow.end_run(status="FAILED")
+        raise
+
+
+class _Loop:
+    """The epoch loop and its bookkeeping, split from ``_train`` to keep each part readable."""
+
+    def __init__(
+        self,
+        config,
+        distributed,
+        runtime,
+        split: TaskSplit,
+        loader,
+        val_data,
+        model: UNet,
+        network,
+        optimiser,
+        scaler,
+        loss_function,
+        state: TrainingState,
+        run_dir: Path,
+        progress: bool,
+    ):
+        self.config, self.distributed, self.runtime, self.split = config, distributed, runtime, split
+        self.loader, self.val_data = loader, val_data
+        self.model, self.network, self.optimiser, self.scaler = model, network, optimiser, scaler
+        self.loss_function, self.state, self.run_dir, self.progress = loss_function, state, run_dir, progress
+        self.history: dict[str, list[tuple[int, float]]] = {}
+        self.last_dice = float("nan")
+
+    @property
+    def budget_seconds(self) -> float | None:
+        minutes = self.config.trainer.max_minutes
+        return None if minutes is None else 60.0 * minutes
+
+    def _progress(self, elapsed: float) -> float:
+        """Fraction of the schedule done: by steps, or by time when a time budget binds first."""
+        total_steps = self.config.trainer.max_epochs * len(self.loader)
+        fraction = self.state.global_step / max(1, total_steps)
+        if self.budget_seconds is not None:
+            fraction = max(fraction, elapsed / self.budget_seconds)
+        return fraction
+
+    def run(self) -> str:
+        trainer = self.config.trainer
+        warmup_steps = trainer.warmup_epochs * len(self.loader)
+        session_start = time.perf_counter() - self.state.elapsed_seconds
+        sampler = self.loader.sampler
+        for epoch in range(self.state.epochs_done, trainer.max_epochs):
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            epoch_start = time.perf_counter()
+            losses, samples = self._train_epoch(epoch, session_start, warmup_steps)
+            epoch_seconds = time.perf_counter() - epoch_start
+            elapsed = time.perf_counter() - session_start
+            out_of_time = self.budget_seconds is not None and elapsed >= self.budget_seconds
+            out_of_time = self.distributed.share(out_of_time)
+            last = epoch + 1 == trainer.max_epochs or out_of_time
+            metrics = {
+                "train_loss": float(np.mean(losses)),
+                "lr": self.optimiser.param_groups[0]["lr"],
+                "epoch_seconds": epoch_seconds,
+                "samples_per_second": samples * self.distributed.world_size / epoch_seconds,
+            }
+            # Every process scores its share of the validation cases; MONAI's metric gathers them.
+            if (epoch + 1) % trainer.val_every == 0 or last:
+                metrics |= self._validate(epoch + 1)
+            self.state.epochs_done = epoch + 1
+            self.state.elapsed_seconds = time.perf_counter() - session_start
+            if self.distributed.is_main:
+                metrics |= {
+                    "epoch": epoch + 1,
+                    "train_minutes": self.state.elapsed_seconds / 60,
+                    "best_val_mean_dice": self.state.best_mean_dice,
+                }
+                mlflow.log_metrics(metrics, step=epoch + 1)
+                self.history.setdefault("train_loss", []).append((epoch + 1, metrics["train_loss"]))
+                save_checkpoint(self.run_dir, self.state, self.model, self.optimiser, self.scaler)
+            if out_of_time:
+                return f"time budget of {trainer.max_minutes} min reached"
+        return f"{trainer.max_epochs} epochs done"
+
+    def _train_epoch(self, epoch: int, session_start: float, warmup_steps: int) -> tuple[list[float], int]:
+        trainer = self.config.trainer
+        self.network.train()
+        losses, samples = [], 0
+        bar = tqdm(
+            self.loader,
+            desc=f"epoch {epoch + 1}/{trainer.max_epochs}",
+            leave=False,
+            disable=not (self.progress and self.distributed.is_main),
+        )
+        for batch in bar:
+            lr = learning_rate(
+                self.config,
+                self._progress(time.perf_counter() - session_start),
+                self.state.global_step,
+                warmup_steps,
+            )
+            for group in self.optimiser.param_groups:
+                group["lr"] = lr
+            image = self.runtime.to_device(batch["image"].as_tensor())
+            label = self.runtime.to_device(batch["label"].as_tensor())
+            with self.runtime.autocast():
+                logits = self.network(image)
+            loss = self.loss_function(logits.float(), label)
+            self.optimiser.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimiser)
+            else:
+                loss.backward()
+            if trainer.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), trainer.grad_clip)
+            if self.scaler is not None:
+                self.scaler.step(self.optimiser)
+                self.scaler.update()
+            else:
+                self.optimiser.step()
+            self.state.global_step += 1
+            losses.append(loss.item())
+            samples += image.shape[0]
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", val_dice=f"{self.last_dice:.3f}")
+        return losses, samples
+
+    def _validate(self, epoch: int) -> dict[str, float]:
+        scores = dice_per_class(self.model, self.val_data, self.runtime, self.config, self.split.label_names)
+        mean = mean_dice(scores)
+        self.last_dice = mean
+        for name, value in scores.items():
+            self.history.setdefault(f"val_dice_{name}", []).append((epoch, value))
+        self.history.setdefault("val_mean_dice", []).append((epoch, mean))
+        if mean > self.state.best_mean_dice:
+            self.state.best_mean_dice, self.state.best_epoch, self.state.best_dice = mean, epoch, scores
+            if self.distributed.is_main:
+                save_model(self.model, self.config, self.run_dir / BEST_MODEL_DIR)
+        return {f"val_dice_{name}": value for name, value in scores.items()} | {"val_mean_dice": mean}
+
+    def finish(self) -> int | None:
+        """Figures and the registered model, once, at the end of a completed run."""
+        mlflow.log_figure(plots.learning_curves(self.history), "learning_curves.png")
+        best_dir = self.run_dir / BEST_MODEL_DIR
+        if not best_dir.is_dir():
+            return None
+        self._log_overlay(best_dir)
+        metrics = {"val_mean_dice": self.state.best_mean_dice}
+        return tracking.log_model_and_register(best_dir, self.config, metrics)
+
+    def _log_overlay(self, best_dir: Path) -> None:
+        model, config = load_model(best_dir)
+        model = self.runtime.prepare_model(model)
+        case = self.val_data[0]
+        image, label = case["image"], np.asarray(case["label"][0])
+        masks = {"ground truth": label}
+        for title, skips in (("prediction", None), ("prediction, all skips off", [0] * model.num_skips)):
+            logits = predict_logits(
+                model, image[None], self.runtime, config.trainer.roi_size, config.trainer.sw_batch_size, skips
+            )
+            masks[title] = logits.argmax(dim=1)[0].numpy()
+        index = plots.busiest_slice(label)
+        figure = plots.overlay_panels(
+            np.asarray(image[0])[..., index],
+            {k: v[..., index] for k, v in masks.items()},
+            self.split.label_names,
+        )
+        mlflow.log_figure(figure, "validation_overlay.png")

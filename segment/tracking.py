@@ -1,0 +1,154 @@
+"""Everything MLflow: where runs are stored, what a run records, and the model registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from segment.config import ExperimentConfig, config_to_yaml
+
+MODEL_TYPE = "segment-unet"
+DEFAULT_STORE = "mlflow.db"
+
+
+class TrackingError(RuntimeError):
+    """A run or model could not be found or written in the MLflow store."""
+
+
+def resolve_tracking_uri(explicit: str | None = None) -> str:
+    """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///./mlflow.db``.
+
+    Always explicit: MLflow's own default silently switches to a file store when a
+    ``./mlruns`` folder exists."""
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{Path.cwd() / DEFAULT_STORE}"
+
+
+def use_store(tracking_uri: str | None = None) -> str:
+    uri = resolve_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"levels": 5}} -> {"model.levels": 5}; lists become their string form."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def git_commit() -> str:
+    """The commit of the code that ran, with ``-dirty`` when the work tree had changes."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def start_run(config: ExperimentConfig, resume_run_id: str | None = None) -> mlflow.ActiveRun:
+    """Open a new run in the task's experiment, or reopen ``resume_run_id``."""
+    if resume_run_id is not None:
+        try:
+            MlflowClient().get_run(resume_run_id)
+        except MlflowException:
+            raise TrackingError(
+                f"There is no MLflow run {resume_run_id} in {mlflow.get_tracking_uri()}; "
+                f"list runs with `segment runs`."
+            ) from None
+        return mlflow.start_run(run_id=resume_run_id, log_system_metrics=True)
+    mlflow.set_experiment(config.data.task)
+    return mlflow.start_run(run_name=config.name, log_system_metrics=True)
+
+
+def log_run_setup(config: ExperimentConfig, split_record: dict, device: str) -> None:
+    """Parameters, provenance tags and the resolved config + split as artifacts."""
+    mlflow.log_params({key: str(value) for key, value in flatten(config.model_dump(mode="json")).items()})
+    mlflow.set_tags(
+        {
+            "config_name": config.name,
+            "git_commit": git_commit(),
+            "dataset_fingerprint": split_record["fingerprint"],
+            "device": device,
+            "spatial_dims": str(config.model.spatial_dims),
+            "skip_dropout": str(max(config.model.skip_dropout_per_level)),
+        }
+    )
+    mlflow.log_text(config_to_yaml(config), "config.yaml")
+    mlflow.log_text(json.dumps(split_record, indent=2), "split.json")
+
+
+def log_model_and_register(model_dir: Path, config: ExperimentConfig, metrics: dict[str, float]) -> int:
+    """Log the safetensors model directory as an MLflow model of the active run, register it
+    under the config's name, and point the ``best`` alias at the version with the highest
+    validation Dice. MLflow reserves the alias ``latest``: ``models:/<name>/latest`` already
+    resolves to the newest version. Returns the new version number."""
+    client = MlflowClient()
+    params = {"spatial_dims": str(config.model.spatial_dims), "task": config.data.task}
+    logged = mlflow.initialize_logged_model(name=config.name, model_type=MODEL_TYPE, params=params)
+    client.log_model_artifacts(logged.model_id, str(model_dir))
+    mlflow.finalize_logged_model(logged.model_id, "READY")
+    version = mlflow.register_model(f"models:/{logged.model_id}", config.name)
+    dice = metrics.get("val_mean_dice", float("nan"))
+    client.set_model_version_tag(config.name, version.version, "val_mean_dice", f"{dice:.6f}")
+    client.set_model_version_tag(config.name, version.version, "task", config.data.task)
+    try:
+        best = client.get_model_version_by_alias(config.name, "best")
+        best_dice = float(best.tags.get("val_mean_dice", "nan"))
+    except MlflowException:
+        best_dice = float("-inf")
+    if not dice <= best_dice:  # also true when the old best has no score
+        client.set_registered_model_alias(config.name, "best", version.version)
+    return int(version.version)
+
+
+def list_runs(experiment: str | None = None) -> list[dict[str, Any]]:
+    """Runs of one experiment (task), or of all, newest first, with their key metrics."""
+    client = MlflowClient()
+    experiments = client.search_experiments()
+    if experiment is not None:
+        experiments = [e for e in experiments if e.name == experiment]
+        if not experiments:
+            names = ", ".join(e.name for e in client.search_experiments()) or "none yet"
+            raise TrackingError(f"There is no experiment named {experiment!r}; experiments: {names}.")
+    if not experiments:
+        return []
+    runs = client.search_runs([e.experiment_id for e in experiments], order_by=["attributes.start_time DESC"])
+    names = {e.experiment_id: e.name for e in experiments}
+    return [
+        {
+            "run_id": run.info.run_id,
+            "experiment": names[run.info.experiment_id],
+            "name": run.info.run_name,
+            "status": run.info.status,
+            "epochs": int(run.data.metrics.get("epoch", 0)),
+            "best_val_mean_dice": run.data.metrics.get("best_val_mean_dice"),
+            "minutes": run.data.metrics.get("train_minutes"),
+            "device": run.data.tags.get("device", ""),
+        }
+        for run in runs
+    ]

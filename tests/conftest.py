@@ -1,0 +1,49 @@
+"""Shared fixtures: where the real data is, and small configs that train in seconds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from segment.config import ExperimentConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+HIPPOCAMPUS = "Task04_Hippocampus"
+
+
+def data_root() -> Path:
+    """``$SEGMENT_DATA_ROOT``, else the shared data folder beside the project."""
+    return Path(os.environ.get("SEGMENT_DATA_ROOT") or ROOT.parent / "shared" / "data")
+
+
+@pytest.fixture(scope="session")
+def hippocampus_root() -> Path:
+    """The data root holding Task04_Hippocampus. Missing data skips locally but fails in CI."""
+    root = data_root()
+    if not (root / HIPPOCAMPUS / "dataset.json").is_file():
+        message = f"{HIPPOCAMPUS} not found under {root}; set SEGMENT_DATA_ROOT"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return root
+
+
+def tiny_hippocampus_overrides(cases: int = 8, epochs: int = 1) -> list[str]:
+    """A few real cases and a narrow 3-level network: a full epoch takes about a second."""
+    return [
+        f"data.max_cases={cases}",
+        "data.val_fraction=0.25",
+        "model.levels=3",
+        "model.base_channels=4",
+        f"trainer.max_epochs={epochs}",
+        "trainer.val_every=1",
+        "trainer.batch_size=2",
+        "trainer.warmup_epochs=0",
+    ]
+
+
+@pytest.fixture
+def tiny_hippocampus_config() -> ExperimentConfig:
+    return load_config(ROOT / "configs" / "hippocampus_3d.yaml", tiny_hippocampus_overrides())

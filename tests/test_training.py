@@ -1,0 +1,217 @@
+"""Training on real hippocampus cases: MLflow runs, resume after interruption, DDP, bad data."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from conftest import ROOT, tiny_hippocampus_overrides
+from mlflow import MlflowClient
+
+from segment.config import load_config
+from segment.engine.train import train
+from segment.models import load_model
+
+CONFIG = str(ROOT / "configs" / "hippocampus_3d.yaml")
+
+
+def segment_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "segment.cli", *args]
+
+
+def store(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def set_args(overrides: list[str]) -> list[str]:
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
+def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_a_short_run_is_fully_tracked_and_its_model_registered(tmp_path, hippocampus_root):
+    config = load_config(CONFIG, tiny_hippocampus_overrides(epochs=2))
+    result = train(
+        config,
+        data_root=hippocampus_root,
+        tracking_uri=store(tmp_path),
+        output_root=tmp_path / "runs",
+        progress=False,
+    )
+
+    client = MlflowClient(store(tmp_path))
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "Task04_Hippocampus"
+    assert run.data.params["model.levels"] == "3"
+    assert run.data.params["model.skip_dropout"] == "0.3"
+    assert run.data.params["trainer.max_epochs"] == "2"
+    assert run.data.tags["git_commit"]
+    assert run.data.tags["device"].startswith("cpu")
+    mlflow.set_tracking_uri(store(tmp_path))
+    split = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/split.json")
+    assert run.data.tags["dataset_fingerprint"] == split["fingerprint"]
+    assert len(split["train"]) == 6 and len(split["val"]) == 2
+    assert not set(split["train"]) & set(split["val"])
+    for key in (
+        "train_loss",
+        "lr",
+        "epoch_seconds",
+        "samples_per_second",
+        "val_mean_dice",
+        "val_dice_Anterior",
+        "val_dice_Posterior",
+    ):
+        assert metric_steps(client, result.run_id, key) == [1, 2], key
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config.yaml", "split.json", "learning_curves.png", "validation_overlay.png"} <= artifacts
+
+    assert set(result.best_dice) == {"Anterior", "Posterior"}
+    assert 0.0 <= result.best_mean_dice <= 1.0
+    best = client.get_model_version_by_alias("hippocampus_3d", "best")
+    assert best.run_id == result.run_id
+    downloaded = mlflow.artifacts.download_artifacts(
+        "models:/hippocampus_3d@best", dst_path=str(tmp_path / "dl")
+    )
+    model, loaded_config = load_model(downloaded)
+    assert loaded_config == config
+    assert model(torch.zeros(1, 1, 20, 24, 20)).shape == (1, 3, 20, 24, 20)
+
+
+def test_the_same_split_and_fingerprint_for_the_same_seed(tmp_path, hippocampus_root):
+    from segment.data.tasks import split_task
+
+    config = load_config(CONFIG, ["data.max_cases=40"]).data
+    first, again = split_task(config, hippocampus_root), split_task(config, hippocampus_root)
+    assert first.as_record() == again.as_record()
+    other = split_task(config.model_copy(update={"split_seed": 1}), hippocampus_root)
+    assert other.fingerprint != first.fingerprint
+
+
+def test_an_interrupted_run_resumes_in_the_same_mlflow_run(tmp_path, hippocampus_root):
+    env = os.environ | {"SEGMENT_DATA_ROOT": str(hippocampus_root), "MLFLOW_TRACKING_URI": store(tmp_path)}
+    runs = tmp_path / "runs"
+    command = segment_command(
+        "train",
+        "--config",
+        CONFIG,
+        "--output-dir",
+        str(runs),
+        "--quiet",
+        *set_args(tiny_hippocampus_overrides(epochs=200)),
+    )
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 240
+    while not list(runs.glob("*/checkpoint.pt")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert list(runs.glob("*/checkpoint.pt")), "no checkpoint appeared"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "segment train --resume" in stderr
+
+    run_id = next(runs.iterdir()).name
+    client = MlflowClient(store(tmp_path))
+    assert client.get_run(run_id).info.status == "KILLED"
+    done = len(metric_steps(client, run_id, "train_loss"))
+    assert done >= 1
+
+    resumed = subprocess.run(
+        segment_command(
+            "train",
+            "--resume",
+            run_id,
+            "--output-dir",
+            str(runs),
+            "--quiet",
+            "--set",
+            f"trainer.max_epochs={done + 1}",
+        ),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Finished run {run_id}" in resumed.stdout
+    assert [path.name for path in runs.iterdir()] == [run_id]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert metric_steps(client, run_id, "train_loss") == list(range(1, done + 2))
+
+
+def test_two_gloo_processes_train_one_run_and_log_once(tmp_path, hippocampus_root):
+    env = os.environ | {
+        "SEGMENT_DATA_ROOT": str(hippocampus_root),
+        "MLFLOW_TRACKING_URI": store(tmp_path),
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "segment.cli",
+        "train",
+        "--config",
+        CONFIG,
+        "--output-dir",
+        str(tmp_path / "runs"),
+        "--quiet",
+        *set_args(tiny_hippocampus_overrides(epochs=2)),
+    ]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Finished run") == 1
+    client = MlflowClient(store(tmp_path))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1
+    run_id = runs[0].info.run_id
+    assert metric_steps(client, run_id, "train_loss") == [1, 2]
+    assert metric_steps(client, run_id, "val_mean_dice") == [1, 2]
+    # Two processes each see half the 6 training cases: 3 per epoch, 2 per batch -> 1 step each.
+    assert [int(v.version) for v in client.search_model_versions("name='hippocampus_3d'")] == [1]
+
+
+def test_missing_data_gives_one_clear_sentence(tmp_path):
+    # An unknown task cannot be downloaded, so this needs no network on any machine.
+    result = subprocess.run(
+        segment_command(
+            "train", "--config", CONFIG, "--data-root", str(tmp_path), "--set", "data.task=Task90_ISBI2012"
+        ),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ | {"MLFLOW_TRACKING_URI": store(tmp_path)},
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "Task90_ISBI2012 was not found: expected" in result.stderr
+    assert "SEGMENT_DATA_ROOT" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    from segment.engine.train import learning_rate
+
+    config = load_config(CONFIG)
+    peak = config.trainer.lr
+    assert learning_rate(config, 0.0, 0, 10) == pytest.approx(peak / 10)
+    assert learning_rate(config, 0.0, 9, 10) == pytest.approx(peak)
+    assert learning_rate(config, 0.5, 50, 10) == pytest.approx(peak / 2)
+    assert learning_rate(config, 1.0, 100, 10) == pytest.approx(0.0, abs=1e-12)
