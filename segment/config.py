@@ -44,6 +44,9 @@ class ModelConfig(_Section):
     # Probability that a long skip is zeroed for a training batch: one value for every
     # level, or one per level.
     skip_dropout: float | tuple[float, ...] = 0.0
+    # Which long skips the model has (1) or lacks (0), finest first; None: all of them. A
+    # model trained without a skip is the honest reference for switching that skip off.
+    skips: tuple[Literal[0, 1], ...] | None = None
     norm: Literal["instance", "batch"] = "instance"
     act: Literal["leakyrelu", "relu", "prelu", "gelu"] = "leakyrelu"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -79,6 +82,10 @@ class ModelConfig(_Section):
                 )
             if any(b < 1 for b in self.blocks_per_level):
                 raise ValueError("blocks_per_level must all be at least 1")
+        if self.skips is not None and len(self.skips) != self.num_skips:
+            raise ValueError(
+                f"skips has {len(self.skips)} entries but the model has {self.num_skips} long skips"
+            )
         probabilities = self.skip_dropout_per_level
         if len(probabilities) != self.num_skips:
             raise ValueError(

@@ -81,8 +81,23 @@ def start_run(config: ExperimentConfig, resume_run_id: str | None = None) -> mlf
                 f"list runs with `segment runs`."
             ) from None
         return mlflow.start_run(run_id=resume_run_id, log_system_metrics=True)
-    mlflow.set_experiment(config.data.task)
-    return mlflow.start_run(run_name=config.name, log_system_metrics=True)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(config.data.task)
+    if experiment is None:
+        experiment_id = client.create_experiment(config.data.task, artifact_location=_artifact_root(config.data.task))
+    else:
+        experiment_id = experiment.experiment_id
+    return mlflow.start_run(experiment_id=experiment_id, run_name=config.name, log_system_metrics=True)
+
+
+def _artifact_root(experiment: str) -> str | None:
+    """Keep a SQLite store's artifacts beside its database file, not in whatever folder the
+    command ran from; a server decides for itself (None)."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = Path(uri.removeprefix("sqlite:///")).resolve()
+    return (database.parent / "mlruns" / experiment).as_uri()
 
 
 def log_run_setup(config: ExperimentConfig, split_record: dict, device: str) -> None:

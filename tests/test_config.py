@@ -7,6 +7,7 @@ import pytest
 from segment.config import ConfigError, load_config
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "hippocampus_3d.yaml"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -16,13 +17,13 @@ def test_every_shipped_config_loads(path):
 
 
 def test_overrides_are_parsed_as_yaml_values():
-    config = load_config(CONFIGS[0], ["model.skip_dropout=[0.1, 0.2, 0.3, 0.4]", "model.encoder=resnet"])
+    config = load_config(DEFAULT, ["model.skip_dropout=[0.1, 0.2, 0.3, 0.4]", "model.encoder=resnet"])
     assert config.model.skip_dropout_per_level == (0.1, 0.2, 0.3, 0.4)
     assert config.model.encoder == "resnet"
 
 
 def test_channels_default_to_base_channels_doubled_per_level():
-    config = load_config(CONFIGS[0], ["model.levels=4", "model.base_channels=8"])
+    config = load_config(DEFAULT, ["model.levels=4", "model.base_channels=8"])
     assert config.model.widths == (8, 16, 32, 64)
 
 
@@ -38,11 +39,14 @@ def test_channels_default_to_base_channels_doubled_per_level():
         ("model.blocks_per_level=[1,2,2]", "blocks_per_level applies only to the resnet encoder"),
         ("model.levels=1", "model.levels: Input should be greater than or equal to 2"),
         ("model", "expected key=value"),
+        ("model.skips=[1,0]", "skips has 2 entries but the model has 4 long skips"),
+        ("data.patch_size=[64,64]", "data.patch_size has 2 sizes but the model is 3D"),
+        ("data.flip_axes=[3]", "data.flip_axes must name spatial axes 0..2"),
     ],
 )
 def test_bad_config_fails_with_one_sentence_naming_the_problem(override, expected):
     with pytest.raises(ConfigError, match=expected) as caught:
-        load_config(CONFIGS[0], [override])
+        load_config(DEFAULT, [override])
     message = str(caught.value)
     assert "\n" not in message
     assert message.endswith(".")

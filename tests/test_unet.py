@@ -119,3 +119,11 @@ def test_per_level_skip_dropout_never_drops_a_level_with_probability_zero():
         allowed = [model.eval()(x, mask) for mask in ([1, 1, 1], [1, 1, 0])]
     for out in outputs:
         assert any(torch.allclose(out, reference) for reference in allowed)
+
+
+def test_a_model_built_without_skips_uses_that_mask_by_default():
+    model = build_model(small_config(skips=(0, 0, 0))).eval()
+    x = make_input(3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x, [0, 0, 0]), rtol=0, atol=0)
+        assert not torch.allclose(model(x), model(x, [1, 1, 1]))

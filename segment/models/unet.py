@@ -17,7 +17,7 @@ from segment.models.decoder import UNetDecoder
 from segment.models.encoders import build_encoder
 
 SkipMask = Sequence[bool | int] | None
-"""One flag per long skip, finest level first; None switches every skip on."""
+"""One flag per long skip, finest level first; None means the skips the model was built with."""
 
 
 class UNet(nn.Module):
@@ -59,9 +59,10 @@ class UNet(nn.Module):
         return self.decode(self.encode(x), skips)
 
     def resolve_skips(self, skips: SkipMask) -> tuple[bool, ...]:
-        """Validate a skip mask and return one bool per long skip, finest first."""
+        """Validate a skip mask and return one bool per long skip, finest first. None means the
+        skips the model was built with (``config.skips``, by default all)."""
         if skips is None:
-            return (True,) * self.num_skips
+            return tuple(bool(flag) for flag in self.config.skips or (1,) * self.num_skips)
         flags = tuple(bool(flag) for flag in skips)
         if len(flags) != self.num_skips:
             raise ValueError(
