@@ -23,7 +23,7 @@ def test_help_lists_the_commands():
 def test_describe_prints_the_default_model():
     result = run_segment("describe", "--config", "configs/hippocampus_3d.yaml")
     assert result.returncode == 0, result.stderr
-    assert "channels per level: [16, 32, 64, 128, 256]" in result.stdout
+    assert "channels per level: [8, 16, 32, 64, 128]" in result.stdout
     assert "long skips: 4" in result.stdout
 
 
