@@ -158,6 +158,181 @@ def runs(
         )
 
 
+ModelOption = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Bundled model name, MLflow URI (models:/NAME@best, runs:/ID/...) or model folder.",
+    ),
+]
+DeviceOption = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
+
+
+def _parse_skips(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        flags = tuple(int(flag) for flag in text.split(","))
+    except ValueError:
+        flags = ()
+    if not flags or any(flag not in (0, 1) for flag in flags):
+        fail(f"--skips {text!r}: give one 0 or 1 per long skip, finest first, e.g. 1,1,0,1.")
+    return flags
+
+
+def _load(spec: str, tracking_uri: str | None):
+    from segment.models import ModelLoadError, load_model
+    from segment.models.sources import resolve_model
+
+    try:
+        return load_model(resolve_model(spec, tracking_uri))
+    except ModelLoadError as error:
+        fail(str(error))
+
+
+@app.command()
+def predict(
+    model: ModelOption,
+    input: Annotated[
+        Path, typer.Option("--input", "-i", help="A scan (.nii, .nii.gz, .nrrd, .mha) or a folder of scans.")
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="The mask file, or a folder for a folder of scans.")
+    ],
+    skips: Annotated[
+        str | None, typer.Option(help="Long skips on (1) or off (0), finest first, e.g. 1,1,0,1.")
+    ] = None,
+    device: DeviceOption = "auto",
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow store for models:/ and runs:/ URIs.")
+    ] = None,
+) -> None:
+    """Segment scans: integer label masks with the input's shape, affine and orientation."""
+    from segment.engine.device import DeviceError, make_runtime
+    from segment.engine.predict import segment_scan
+    from segment.io import ScanError, read_scan, scan_suffix, write_mask
+
+    skip_mask = _parse_skips(skips)
+    if input.is_dir():
+        scans = sorted(path for path in input.iterdir() if scan_suffix(path))
+        if not scans:
+            fail(f"{input} holds no scans (.nii, .nii.gz, .nrrd, .mha).")
+        if output.exists() and not output.is_dir():
+            fail(f"{output} is a file; give a folder for the masks of a folder of scans.")
+        targets = [(scan, output / scan.name) for scan in scans]
+    else:
+        if not input.exists():
+            fail(f"{input} does not exist.")
+        if output.is_dir():
+            output = output / input.name
+        if not scan_suffix(output):
+            fail(f"{output.name}: the mask needs a scan suffix (.nii.gz, .nii, .nrrd, .mha).")
+        targets = [(input, output)]
+    network, config = _load(model, tracking_uri)
+    try:
+        runtime = make_runtime(device, config.trainer.amp, config.trainer.channels_last)
+    except DeviceError as error:
+        fail(str(error))
+    network = runtime.prepare_model(network)
+    if skip_mask is not None and len(skip_mask) != network.num_skips:
+        fail(f"--skips has {len(skip_mask)} entries but {model} has {network.num_skips} long skips.")
+    label_names = config.label_names
+    failures = 0
+    for source, target in targets:
+        try:
+            scan = read_scan(source)
+            mask = segment_scan(network, config, scan, runtime, skip_mask, progress=len(targets) == 1)
+            write_mask(mask, scan, target, label_names)
+        except ScanError as error:
+            if len(targets) == 1:
+                fail(str(error))
+            typer.secho(f"Skipped: {error}", err=True, fg=typer.colors.YELLOW)
+            failures += 1
+            continue
+        for warning in scan.warnings:
+            typer.secho(f"Warning: {warning}", err=True, fg=typer.colors.YELLOW)
+        counts = ", ".join(
+            f"{name} {int((mask == value).sum())}" for value, name in label_names.items() if value > 0
+        )
+        typer.echo(f"{target}: {counts} voxels")
+    if failures:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def evaluate(
+    model: ModelOption,
+    data: Annotated[Path, typer.Option(help="An MSD-layout task folder (dataset.json, imagesTr, labelsTr).")],
+    split: Annotated[
+        str, typer.Option(help="all: every labelled case; val: the config's validation split.")
+    ] = "all",
+    ablate_skips: Annotated[
+        bool, typer.Option("--ablate-skips", help="Also score all skips on, each level off alone, all off.")
+    ] = False,
+    full_sweep: Annotated[
+        bool, typer.Option("--full-sweep", help="With --ablate-skips: every combination.")
+    ] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+    max_cases: Annotated[int | None, typer.Option(help="Score only the first N cases.")] = None,
+    device: DeviceOption = "auto",
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow store for models:/ and runs:/ URIs.")
+    ] = None,
+) -> None:
+    """Dice, HD95 (mm), NSD (1 mm) and volume per label; optionally the skip ablation."""
+    import json
+
+    from segment.atomic import write_atomically
+    from segment.data.tasks import DataNotFoundError, split_task
+    from segment.engine.device import DeviceError, make_runtime
+    from segment.engine.evaluate import evaluate_cases, evaluation_report, skip_settings
+    from segment.io import ScanError
+
+    if split not in ("all", "val"):
+        fail(f"--split {split!r}: use all or val.")
+    if json_path is not None and not json_path.parent.is_dir():
+        fail(f"Cannot write {json_path}: the folder {json_path.parent} does not exist.")
+    network, config = _load(model, tracking_uri)
+    data_config = config.data.model_copy(update={"task": data.name, "max_cases": None})
+    try:
+        runtime = make_runtime(device, config.trainer.amp, config.trainer.channels_last)
+        task = split_task(data_config, data.parent, download=False)
+    except (DeviceError, DataNotFoundError) as error:
+        fail(str(error))
+    cases = task.val if split == "val" else sorted(task.train + task.val, key=lambda case: case["image"])
+    cases = cases[:max_cases] if max_cases else cases
+    settings = (
+        skip_settings(network.num_skips, full_sweep) if ablate_skips else [tuple(network.resolve_skips(None))]
+    )
+    try:
+        results = evaluate_cases(
+            runtime.prepare_model(network), config, cases, runtime, task.label_names, settings, progress=True
+        )
+    except ScanError as error:
+        fail(str(error))
+    report = evaluation_report(model, results, ablate_skips)
+    _print_report(report)
+    if json_path is not None:
+        write_atomically(json_path, lambda temporary: temporary.write_text(json.dumps(report, indent=2)))
+        typer.echo(f"Wrote {json_path}")
+
+
+def _print_report(report: dict) -> None:
+    typer.echo(f"{report['model']}: {report['cases']} cases, mean Dice {report['mean_dice']:.4f}")
+    for name in report["dice"]:
+        typer.echo(
+            f"  {name:>12}: Dice {report['dice'][name]:.4f}  HD95 {report['hd95'][name]:.2f} mm  "
+            f"NSD {report['nsd'][name]:.4f}  volume {report['volume_ml'][name]:.3f} mL"
+        )
+    for row in report.get("ablation", []):
+        skips = "".join(str(flag) for flag in row["skips"])
+        typer.echo(
+            f"  skips {skips}: mean Dice {row['mean_dice']:.4f}  "
+            + "  ".join(f"NSD {n} {v:.4f}" for n, v in row["nsd"].items())
+        )
+
+
 def main() -> None:
     app()
 

@@ -128,6 +128,9 @@ class DataConfig(_Section):
     cache_rate: float = Field(1.0, ge=0.0, le=1.0)
     num_workers: int = Field(0, ge=0)
     augment: bool = True
+    # Probability of a random rotation (up to 15 degrees per axis) and scaling (up to 10 %)
+    # per training sample: it costs CPU time, so tasks opt in.
+    affine_augment_prob: float = Field(0.0, ge=0.0, le=1.0)
     # Spatial axes (of the RAS volume) along which training samples are mirrored at random.
     # Mirroring along an axis that carries label meaning (anterior vs posterior) teaches the
     # model to confuse those labels, so tasks choose their own.
@@ -160,9 +163,17 @@ class ExperimentConfig(_Section):
     """One experiment: a named model on a task with a training recipe."""
 
     name: str = Field(..., min_length=1)
+    # Label value -> name, recorded when training reads the task's dataset.json.
+    labels: dict[int, str] | None = None
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     trainer: TrainerConfig = TrainerConfig()
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        if self.labels is not None:
+            return dict(self.labels)
+        return {0: "background"} | {value: f"label {value}" for value in range(1, self.model.out_channels)}
 
     @model_validator(mode="after")
     def _check_dimensions(self) -> ExperimentConfig:

@@ -84,7 +84,9 @@ def start_run(config: ExperimentConfig, resume_run_id: str | None = None) -> mlf
     client = MlflowClient()
     experiment = client.get_experiment_by_name(config.data.task)
     if experiment is None:
-        experiment_id = client.create_experiment(config.data.task, artifact_location=_artifact_root(config.data.task))
+        experiment_id = client.create_experiment(
+            config.data.task, artifact_location=_artifact_root(config.data.task)
+        )
     else:
         experiment_id = experiment.experiment_id
     return mlflow.start_run(experiment_id=experiment_id, run_name=config.name, log_system_metrics=True)

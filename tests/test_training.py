@@ -83,7 +83,9 @@ def test_a_short_run_is_fully_tracked_and_its_model_registered(tmp_path, hippoca
         "models:/hippocampus_3d@best", dst_path=str(tmp_path / "dl")
     )
     model, loaded_config = load_model(downloaded)
-    assert loaded_config == config
+    assert loaded_config == config.model_copy(
+        update={"labels": {0: "background", 1: "Anterior", 2: "Posterior"}}
+    )
     assert model(torch.zeros(1, 1, 20, 24, 20)).shape == (1, 3, 20, 24, 20)
 
 

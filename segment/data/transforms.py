@@ -10,16 +10,13 @@ from segment.config import ExperimentConfig
 IMAGE, LABEL = "image", "label"
 
 
-def read_and_normalise(config: ExperimentConfig, keys: tuple[str, ...] = (IMAGE, LABEL)) -> list:
-    """Load, channel-first, RAS orientation, optional resampling, intensity normalisation.
+def orient_and_normalise(config: ExperimentConfig, keys: tuple[str, ...], keep_meta: bool = False) -> list:
+    """RAS orientation, optional resampling, intensity normalisation of a channel-first volume.
 
-    Deterministic, so a CacheDataset keeps its output in memory. Every scan is read as a 3D
-    volume; 2D models see its axial slices later."""
+    With ``keep_meta`` the output remembers what was done, so a prediction can be mapped back
+    onto the original voxel grid with MONAI's ``Invertd``."""
     data = config.data
-    steps: list = [
-        T.LoadImaged(keys, image_only=True, ensure_channel_first=True),
-        T.Orientationd(keys, axcodes="RAS", labels=None),
-    ]
+    steps: list = [T.Orientationd(keys, axcodes="RAS", labels=None)]
     if data.spacing is not None:
         modes = ["bilinear" if key == IMAGE else "nearest" for key in keys]
         steps.append(T.Spacingd(keys, pixdim=data.spacing, mode=modes))
@@ -32,10 +29,20 @@ def read_and_normalise(config: ExperimentConfig, keys: tuple[str, ...] = (IMAGE,
             T.ClipIntensityPercentilesd(IMAGE, lower=low, upper=high),
             T.NormalizeIntensityd(IMAGE),
         ]
-    steps.append(T.EnsureTyped(IMAGE, dtype="float32", track_meta=False))
+    steps.append(T.EnsureTyped(IMAGE, dtype="float32", track_meta=keep_meta))
     if LABEL in keys:
-        steps.append(T.EnsureTyped(LABEL, dtype="uint8", track_meta=False))
+        steps.append(T.EnsureTyped(LABEL, dtype="uint8", track_meta=keep_meta))
     return steps
+
+
+def read_and_normalise(config: ExperimentConfig, keys: tuple[str, ...] = (IMAGE, LABEL)) -> list:
+    """Load from disk, channel-first, then :func:`orient_and_normalise`. Deterministic, so a
+    CacheDataset keeps its output in memory. Every scan is read as a 3D volume; 2D models
+    see its axial slices later."""
+    return [
+        T.LoadImaged(keys, image_only=True, ensure_channel_first=True),
+        *orient_and_normalise(config, keys),
+    ]
 
 
 def _sample(config: ExperimentConfig) -> list:
@@ -69,8 +76,22 @@ def _sample(config: ExperimentConfig) -> list:
 def _augment(config: ExperimentConfig) -> list:
     """Cheap augmentations: the CPU that feeds the model is also the CPU that trains it."""
     keys = (IMAGE, LABEL)
+    steps: list = []
+    if config.data.affine_augment_prob > 0:
+        dims = config.model.spatial_dims
+        steps.append(
+            T.RandAffined(
+                keys,
+                prob=config.data.affine_augment_prob,
+                rotate_range=(0.26,) * (3 if dims == 3 else 1),
+                scale_range=(0.1,) * dims,
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+            )
+        )
     flips = [T.RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in config.data.flip_axes]
     return [
+        *steps,
         *flips,
         T.RandScaleIntensityd(IMAGE, factors=0.1, prob=0.5),
         T.RandShiftIntensityd(IMAGE, offsets=0.1, prob=0.5),
@@ -81,6 +102,8 @@ def training_transforms(config: ExperimentConfig) -> T.Compose:
     steps = read_and_normalise(config) + _sample(config)
     if config.data.augment:
         steps += _augment(config)
+    # Plain tensors of one dtype per key, whichever augmentations ran, so samples stack.
+    steps.append(T.EnsureTyped((IMAGE, LABEL), dtype=("float32", "uint8"), track_meta=False))
     return T.Compose(steps)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from segment.models.serialization import write_atomically
+from segment.atomic import write_atomically
 
 CHECKPOINT_FILE = "checkpoint.pt"
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from monai.losses import DiceCELoss
-from monai.utils import set_determinism
+from monai.utils import convert_to_tensor, set_determinism
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -168,6 +168,8 @@ def _train(
     set_determinism(trainer.seed + distributed.rank)
     runtime = _runtime_for(config, device, distributed)
     split = split_task(config.data, resolve_data_root(data_root), download=distributed.is_main)
+    # The saved model carries the task's label names, so predictions can name their labels.
+    config = config.model_copy(update={"labels": split.label_names})
     loader = training_loader(config, split, runtime.pin_memory, distributed.enabled)
     val_data = validation_dataset(config, split, distributed.rank, distributed.world_size)
 
@@ -335,8 +337,8 @@ class _Loop:
             )
             for group in self.optimiser.param_groups:
                 group["lr"] = lr
-            image = self.runtime.to_device(batch["image"].as_tensor())
-            label = self.runtime.to_device(batch["label"].as_tensor())
+            image = self.runtime.to_device(convert_to_tensor(batch["image"], track_meta=False))
+            label = self.runtime.to_device(convert_to_tensor(batch["label"], track_meta=False))
             with self.runtime.autocast():
                 logits = self.network(image)
             loss = self.loss_function(logits.float(), label)

@@ -5,13 +5,12 @@ Nothing is pickled: a model directory can come from anywhere and loading it runs
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from segment.atomic import write_atomically
 from segment.config import ConfigError, ExperimentConfig, config_to_yaml, load_config
 from segment.models.unet import UNet
 
@@ -21,19 +20,6 @@ CONFIG_FILE = "config.yaml"
 
 class ModelLoadError(ValueError):
     """A model directory is missing, incomplete or does not match its config."""
-
-
-def write_atomically(path: Path, write) -> None:
-    """Call ``write(temporary_path)``, then rename over ``path``: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def save_model(model: UNet, config: ExperimentConfig, directory: str | Path) -> Path:

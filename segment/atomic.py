@@ -1,0 +1,36 @@
+"""Writing files so that a reader, or a crash, never sees half of one."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def write_atomically(path: Path, write) -> None:
+    """Call ``write(temporary_path)``, then rename over ``path``: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_atomically_as(path: Path, suffix: str, write: Callable[[Path], None]) -> None:
+    """Like :func:`write_atomically` for writers that choose the format from the file name
+    (nibabel, SimpleITK): the temporary file carries ``suffix`` too."""
+
+    def write_named(temporary: Path) -> None:
+        named = temporary.with_name(temporary.name + suffix)
+        try:
+            write(named)
+            named.replace(temporary)
+        finally:
+            named.unlink(missing_ok=True)
+
+    write_atomically(path, write_named)

@@ -1,0 +1,149 @@
+"""Scoring masks against ground truth (Dice, HD95, NSD, volume) and the skip-ablation sweep."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
+from monai.networks.utils import one_hot
+from tqdm.auto import tqdm
+
+from segment.config import ExperimentConfig
+from segment.data.tasks import case_id
+from segment.engine.device import Runtime
+from segment.engine.inference import predict_logits
+from segment.engine.predict import prepare
+from segment.io import ScanError, read_scan
+from segment.models import UNet
+
+NSD_TOLERANCE_MM = 1.0
+
+
+@dataclass
+class CaseScores:
+    """Per-label scores of one case, keyed by label name."""
+
+    case: str
+    dice: dict[str, float] = field(default_factory=dict)
+    hd95: dict[str, float] = field(default_factory=dict)  # mm; NaN when either mask is empty
+    nsd: dict[str, float] = field(default_factory=dict)
+    volume_ml: dict[str, float] = field(default_factory=dict)  # of the prediction
+
+
+def score_case(
+    case: str,
+    prediction: np.ndarray,
+    truth: np.ndarray,
+    spacing: tuple[float, ...],
+    label_names: dict[int, str],
+) -> CaseScores:
+    """prediction, truth: integer label arrays of one shape; spacing: mm per array axis."""
+    if prediction.shape != truth.shape:
+        raise ValueError(f"{case}: prediction {prediction.shape} and label {truth.shape} differ in shape")
+    classes = max(label_names) + 1
+    as_one_hot = lambda labels: one_hot(torch.as_tensor(labels.astype(np.int64))[None, None], classes)  # noqa: E731
+    predicted, expected = as_one_hot(prediction), as_one_hot(truth)
+    dice = compute_dice(predicted, expected, include_background=False, ignore_empty=False)[0]
+    hd95 = compute_hausdorff_distance(predicted, expected, percentile=95, spacing=list(spacing))[0]
+    nsd = compute_surface_dice(
+        predicted, expected, [NSD_TOLERANCE_MM] * (classes - 1), spacing=list(spacing)
+    )[0]
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    scores = CaseScores(case)
+    for index, value in enumerate(range(1, classes)):
+        name = label_names.get(value, str(value))
+        present = (prediction == value).any(), (truth == value).any()
+        scores.dice[name] = float(dice[index])
+        scores.hd95[name] = float(hd95[index]) if all(present) else math.nan
+        # Both empty: nothing to find and nothing found, a perfect boundary score.
+        scores.nsd[name] = 1.0 if not any(present) else float(nsd[index]) if all(present) else 0.0
+        scores.volume_ml[name] = float((prediction == value).sum()) * voxel_ml
+    return scores
+
+
+def mean_scores(cases: list[CaseScores], metric: str) -> dict[str, float]:
+    """Mean of one metric over cases per label, ignoring NaN (undefined HD95)."""
+    names = getattr(cases[0], metric).keys()
+    means = {}
+    for name in names:
+        values = [getattr(case, metric)[name] for case in cases]
+        finite = [v for v in values if not math.isnan(v)]
+        means[name] = float(np.mean(finite)) if finite else math.nan
+    return means
+
+
+def skip_settings(num_skips: int, full_sweep: bool = False) -> list[tuple[int, ...]]:
+    """All on, each level off alone, all off; or every combination with ``full_sweep``."""
+    if full_sweep:
+        return sorted(itertools.product((1, 0), repeat=num_skips), key=lambda s: (-sum(s), [-v for v in s]))
+    one_off = [tuple(0 if level == off else 1 for level in range(num_skips)) for off in range(num_skips)]
+    return [(1,) * num_skips, *one_off, (0,) * num_skips]
+
+
+def evaluate_cases(
+    model: UNet,
+    config: ExperimentConfig,
+    cases: list[dict[str, str]],
+    runtime: Runtime,
+    label_names: dict[int, str],
+    settings: list[tuple[int, ...]],
+    progress: bool = False,
+) -> dict[tuple[int, ...], list[CaseScores]]:
+    """Score ``model`` on labelled ``cases`` (dicts with image and label paths) under each skip
+    setting. Each scan is read and prepared once; only the network re-runs per setting."""
+    results: dict[tuple[int, ...], list[CaseScores]] = {setting: [] for setting in settings}
+    for case in tqdm(cases, desc="cases", disable=not progress):
+        scan, label = read_scan(case["image"]), read_scan(case["label"])
+        if label.array.shape != scan.array.shape or not np.allclose(label.affine, scan.affine, atol=1e-3):
+            raise ScanError(f"{case_id(case)}: the label's shape or affine differs from the image's.")
+        truth = label.array.round().astype(np.int64)
+        prepared = prepare(scan, config)
+        for setting in settings:
+            logits = predict_logits(
+                model,
+                prepared.volume,
+                runtime,
+                config.trainer.roi_size,
+                config.trainer.sw_batch_size,
+                setting,
+            )
+            prediction = prepared.restore(logits.argmax(dim=1))
+            results[setting].append(score_case(case_id(case), prediction, truth, scan.spacing, label_names))
+    return results
+
+
+def evaluation_report(
+    model_name: str, results: dict[tuple[int, ...], list[CaseScores]], ablation: bool
+) -> dict:
+    """The documented JSON shape (README, "segment evaluate")."""
+    settings = list(results)
+    baseline = results[settings[0]]
+    dice = mean_scores(baseline, "dice")
+    report = {
+        "model": model_name,
+        "cases": len(baseline),
+        "mean_dice": float(np.mean(list(dice.values()))),
+        "dice": dice,
+        "hd95": mean_scores(baseline, "hd95"),
+        "nsd": mean_scores(baseline, "nsd"),
+        "volume_ml": mean_scores(baseline, "volume_ml"),
+        "per_case": [vars(case) for case in baseline],
+    }
+    if ablation:
+        report["ablation"] = []
+        for setting in settings:
+            setting_dice = mean_scores(results[setting], "dice")
+            report["ablation"].append(
+                {
+                    "skips": list(setting),
+                    "mean_dice": float(np.mean(list(setting_dice.values()))),
+                    "dice": setting_dice,
+                    "hd95": mean_scores(results[setting], "hd95"),
+                    "nsd": mean_scores(results[setting], "nsd"),
+                }
+            )
+    return report

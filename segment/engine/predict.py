@@ -1,0 +1,75 @@
+"""Scan in, mask out: the one prediction path shared by the CLI and the viewer.
+
+prepared = prepare(scan, config)              # RAS, normalised, as the model was trained
+logits = predict_logits(model, prepared.volume, ...)
+mask = prepared.restore(logits.argmax(1))     # back on the scan's own voxel grid
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai import transforms as T
+from monai.data import MetaTensor
+
+from segment.config import ExperimentConfig
+from segment.data.transforms import IMAGE, orient_and_normalise
+from segment.engine.device import Runtime
+from segment.engine.inference import predict_logits
+from segment.io import Scan
+from segment.models import SkipMask, UNet
+
+PREDICTION = "prediction"
+
+
+@dataclass
+class PreparedScan:
+    """A scan as the model sees it, plus what is needed to map results back onto the scan."""
+
+    volume: torch.Tensor  # (1, 1, X, Y, Z) float32, RAS, normalised
+    data: dict
+    transform: T.Compose
+
+    def restore(self, labels: torch.Tensor) -> np.ndarray:
+        """labels: (1, X, Y, Z) or (1, 1, X, Y, Z) integers in the model's grid -> uint8 array
+        in the scan's own voxel order and shape."""
+        labels = labels.reshape(1, *self.volume.shape[2:])
+        # The prediction lives on the transformed image's grid: same metadata, same history.
+        prediction = MetaTensor(labels.to(torch.float32), meta=dict(self.data[IMAGE].meta))
+        prediction.applied_operations = list(self.data[IMAGE].applied_operations)
+        inverted = T.Invertd(PREDICTION, transform=self.transform, orig_keys=IMAGE, nearest_interp=True)(
+            {**self.data, PREDICTION: prediction}
+        )
+        return np.asarray(inverted[PREDICTION][0]).round().astype(np.uint8)
+
+
+def prepare(scan: Scan, config: ExperimentConfig) -> PreparedScan:
+    """Orient and normalise ``scan`` exactly as the training pipeline did."""
+    transform = T.Compose(orient_and_normalise(config, (IMAGE,), keep_meta=True))
+    image = MetaTensor(torch.from_numpy(scan.array[None].copy()), affine=torch.from_numpy(scan.affine))
+    data = transform({IMAGE: image})
+    return PreparedScan(data[IMAGE].as_tensor()[None], data, transform)
+
+
+def segment_scan(
+    model: UNet,
+    config: ExperimentConfig,
+    scan: Scan,
+    runtime: Runtime,
+    skips: SkipMask = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Integer labels for ``scan``, same shape and voxel order as ``scan.array``."""
+    prepared = prepare(scan, config)
+    logits = predict_logits(
+        model,
+        prepared.volume,
+        runtime,
+        config.trainer.roi_size,
+        config.trainer.sw_batch_size,
+        skips,
+        progress,
+    )
+    return prepared.restore(logits.argmax(dim=1))
