@@ -9,8 +9,10 @@ CONFIG ?= configs/hippocampus_3d.yaml
 ARGS ?=
 TRACKING_URI ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 MLFLOW_PORT ?= 5055
+DATA_ROOT := $(or $(SEGMENT_DATA_ROOT),data)
+STUDY_EPOCHS ?= 40
 
-.PHONY: setup test lint bench lock train mlflow-ui
+.PHONY: setup test lint bench lock train mlflow-ui study
 
 $(INSTALLED): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,8 +38,34 @@ mlflow-ui: $(INSTALLED)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) \
 		--host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
+# The skip study: every study config trained for the same number of epochs, scored on its
+# validation split (with the skip ablation where skips can be switched), then the report.
+study: $(INSTALLED)
+	set -e; for config in hippocampus_3d hippocampus_3d_noskip hippocampus_3d_resnet hippocampus_2d; do \
+		$(BIN)/segment train --config configs/$$config.yaml --data-root $(DATA_ROOT) --tracking-uri $(TRACKING_URI) \
+			--quiet --set trainer.max_epochs=$(STUDY_EPOCHS); \
+	done
+	test -d data/Task90_ISBI2012 || $(BIN)/python data_scripts/isbi2012_to_nifti.py \
+		--source $(DATA_ROOT)/ISBI2012_EM_membrane --output data/Task90_ISBI2012
+	$(BIN)/segment train --config configs/isbi2012_2d.yaml --data-root data --tracking-uri $(TRACKING_URI) \
+		--quiet --set trainer.max_epochs=$(STUDY_EPOCHS)
+	$(BIN)/segment train --config configs/isbi2012_2d.yaml --data-root data --tracking-uri $(TRACKING_URI) \
+		--quiet --set trainer.max_epochs=$(STUDY_EPOCHS) --set name=isbi2012_2d_no_skip_dropout --set model.skip_dropout=0
+	set -e; for model in hippocampus_3d hippocampus_3d_resnet hippocampus_2d; do \
+		$(BIN)/segment evaluate --model models:/$$model/latest --data $(DATA_ROOT)/Task04_Hippocampus \
+			--split val --ablate-skips --tracking-uri $(TRACKING_URI); \
+	done
+	$(BIN)/segment evaluate --model models:/hippocampus_3d_noskip/latest --data $(DATA_ROOT)/Task04_Hippocampus \
+		--split val --tracking-uri $(TRACKING_URI)
+	set -e; for model in isbi2012_2d isbi2012_2d_no_skip_dropout; do \
+		$(BIN)/segment evaluate --model models:/$$model/latest --data data/Task90_ISBI2012 \
+			--split val --ablate-skips --tracking-uri $(TRACKING_URI); \
+	done
+	$(BIN)/segment report --tracking-uri $(TRACKING_URI) --output benchmarks/study.md
+
 bench: $(INSTALLED)
 	$(BIN)/python benchmarks/model_step.py
+	$(BIN)/python benchmarks/inference.py
 
 lock: $(INSTALLED)
 	head -3 requirements.lock > requirements.lock.new

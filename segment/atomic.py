@@ -15,10 +15,18 @@ def write_atomically(path: Path, write) -> None:
     os.close(handle)
     try:
         write(Path(temporary))
+        # mkstemp creates owner-only files; give the result the permissions a plain open() would.
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def write_atomically_as(path: Path, suffix: str, write: Callable[[Path], None]) -> None:

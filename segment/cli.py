@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -288,6 +289,7 @@ def evaluate(
     from segment.engine.device import DeviceError, make_runtime
     from segment.engine.evaluate import evaluate_cases, evaluation_report, skip_settings
     from segment.io import ScanError
+    from segment.models.sources import MLFLOW_SCHEMES
 
     if split not in ("all", "val"):
         fail(f"--split {split!r}: use all or val.")
@@ -316,6 +318,40 @@ def evaluate(
     if json_path is not None:
         write_atomically(json_path, lambda temporary: temporary.write_text(json.dumps(report, indent=2)))
         typer.echo(f"Wrote {json_path}")
+    from segment import tracking
+
+    run_id = tracking.source_run_id(model) if model.startswith(MLFLOW_SCHEMES) else None
+    if run_id is not None:
+        tracking.log_evaluation(run_id, report, split)
+        typer.echo(f"Logged the evaluation to MLflow run {run_id}.")
+
+
+@app.command()
+def report(
+    experiment: Annotated[str | None, typer.Option(help="Only this experiment (task).")] = None,
+    output: Annotated[Path | None, typer.Option(help="Also write the report to this Markdown file.")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow store (default as for train).")] = None,
+) -> None:
+    """The skip study: evaluated models side by side, and each skip switched off at inference
+    against the model trained without it. Reads what `segment evaluate` logged to MLflow."""
+    from mlflow import MlflowClient
+
+    from segment import tracking
+    from segment.atomic import write_atomically
+    from segment.report import evaluated_runs, study_markdown
+
+    tracking.use_store(tracking_uri)
+    runs = evaluated_runs(MlflowClient(), experiment)
+    if not runs:
+        fail(
+            "No evaluated runs yet: evaluate trained models first with "
+            "`segment evaluate --model models:/NAME@best --data DIR --split val --ablate-skips`."
+        )
+    text = study_markdown(runs)
+    typer.echo(text)
+    if output is not None:
+        write_atomically(output, lambda temporary: temporary.write_text(text))
+        typer.echo(f"Wrote {output}")
 
 
 def _print_report(report: dict) -> None:
@@ -334,6 +370,9 @@ def _print_report(report: dict) -> None:
 
 
 def main() -> None:
+    # MONAI's own surface-distance code passes an argument it has itself deprecated; the
+    # warning says nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
     app()
 
 

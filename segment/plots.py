@@ -69,3 +69,16 @@ def overlay_panels(
     figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
     figure.tight_layout(rect=(0, 0.08, 1, 1))
     return figure
+
+
+def ablation_bars(rows: list[dict]) -> plt.Figure:
+    """Mean Dice per skip setting (e.g. ``1111``, ``0111``, ...), as a bar chart."""
+    names = ["".join(str(flag) for flag in row["skips"]) for row in rows]
+    values = [row["mean_dice"] for row in rows]
+    figure, axis = plt.subplots(figsize=(max(4.0, 0.7 * len(rows) + 2), 3.5))
+    bars = axis.bar(names, values, color=["#4363d8" if set(n) == {"1"} else "#f58231" for n in names])
+    axis.bar_label(bars, fmt="%.3f", fontsize=8)
+    axis.set(ylim=(0, 1), ylabel="mean Dice", xlabel="long skips on (1) / off (0), finest first")
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    return figure

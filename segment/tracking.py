@@ -169,3 +169,82 @@ def list_runs(experiment: str | None = None) -> list[dict[str, Any]]:
         }
         for run in runs
     ]
+
+
+def source_run_id(model_uri: str) -> str | None:
+    """The run that produced the model behind an MLflow URI, or None if it cannot be told."""
+    client = MlflowClient()
+    if model_uri.startswith("runs:/"):
+        return model_uri.removeprefix("runs:/").split("/")[0]
+    if not model_uri.startswith("models:/"):
+        return None
+    reference = model_uri.removeprefix("models:/").rstrip("/")
+    try:
+        if "@" in reference:
+            name, alias = reference.split("@", 1)
+            return client.get_model_version_by_alias(name, alias).run_id
+        if "/" in reference:
+            name, version = reference.split("/", 1)
+            if version.lower() == "latest":
+                version = str(max(int(v.version) for v in client.search_model_versions(f"name='{name}'")))
+            return client.get_model_version(name, version).run_id
+        return mlflow.get_logged_model(reference).source_run_id
+    except (MlflowException, ValueError):
+        return None
+
+
+def metric_key(text: str) -> str:
+    """MLflow metric names allow letters, digits and _ - . / and spaces only."""
+    return "".join(c if c.isalnum() or c in "_-./" else "_" for c in text)
+
+
+def log_evaluation(run_id: str, report: dict, split: str) -> None:
+    """Record an evaluation on the run that trained the model: metrics, the JSON report, a
+    Markdown table and, for a skip ablation, a bar chart."""
+    from segment import plots
+
+    prefix = f"eval_{split}"
+    metrics = {f"{prefix}_mean_dice": report["mean_dice"]}
+    for metric in ("dice", "hd95", "nsd"):
+        for label, value in report[metric].items():
+            metrics[metric_key(f"{prefix}_{metric}_{label}")] = value
+    for row in report.get("ablation", []):
+        skips = "".join(str(flag) for flag in row["skips"])
+        metrics[f"{prefix}_skips_{skips}_mean_dice"] = row["mean_dice"]
+        for label, value in row["nsd"].items():
+            metrics[metric_key(f"{prefix}_skips_{skips}_nsd_{label}")] = value
+    client = MlflowClient()
+    finite = {
+        key: value for key, value in metrics.items() if value == value
+    }  # MLflow rejects NaN in some stores
+    for key, value in finite.items():
+        client.log_metric(run_id, key, value)
+    client.log_text(run_id, json.dumps(report, indent=2), f"evaluation/{split}.json")
+    client.log_text(run_id, evaluation_markdown(report), f"evaluation/{split}.md")
+    if "ablation" in report:
+        client.log_figure(run_id, plots.ablation_bars(report["ablation"]), f"evaluation/{split}_ablation.png")
+
+
+def evaluation_markdown(report: dict) -> str:
+    labels = list(report["dice"])
+    lines = [
+        f"# {report['model']}: {report['cases']} cases, mean Dice {report['mean_dice']:.4f}",
+        "",
+        "| label | Dice | HD95 (mm) | NSD (1 mm) | volume (mL) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for label in labels:
+        lines.append(
+            f"| {label} | {report['dice'][label]:.4f} | {report['hd95'][label]:.2f} | "
+            f"{report['nsd'][label]:.4f} | {report['volume_ml'][label]:.3f} |"
+        )
+    if "ablation" in report:
+        lines += [
+            "",
+            "| skips (finest first) | mean Dice | " + " | ".join(f"NSD {label}" for label in labels) + " |",
+        ]
+        lines.append("| --- " * (2 + len(labels)) + "|")
+        for row in report["ablation"]:
+            nsd = " | ".join(f"{row['nsd'][label]:.4f}" for label in labels)
+            lines.append(f"| {''.join(str(f) for f in row['skips'])} | {row['mean_dice']:.4f} | {nsd} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,217 @@
+"""Prediction and evaluation with the bundled hippocampus model on real scans."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from segment.engine.device import make_runtime
+from segment.engine.predict import segment_scan
+from segment.io import read_scan
+from segment.models import load_model
+from segment.models.sources import resolve_model
+
+CASE = "hippocampus_001"
+
+
+def run_segment(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "segment.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(resolve_model("hippocampus_3d"))
+
+
+@pytest.fixture(scope="module")
+def case_paths(hippocampus_root) -> tuple[Path, Path]:
+    task = hippocampus_root / "Task04_Hippocampus"
+    return task / "imagesTr" / f"{CASE}.nii.gz", task / "labelsTr" / f"{CASE}.nii.gz"
+
+
+def reoriented(image: nib.Nifti1Image, kind: str) -> tuple[nib.Nifti1Image, callable]:
+    """The same anatomy stored another way, and how to map its mask back to the original."""
+    data = np.asarray(image.dataobj)
+    if kind == "lps":
+        flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+        flip[:2, 3] = np.array(data.shape[:2]) - 1
+        return nib.Nifti1Image(data[::-1, ::-1].copy(), image.affine @ flip), lambda m: m[::-1, ::-1]
+    # Axes stored S, A, R and the whole grid rotated 20 degrees: an oblique acquisition.
+    permute = np.zeros((4, 4))
+    permute[0, 2] = permute[1, 1] = permute[2, 0] = permute[3, 3] = 1
+    angle = np.deg2rad(20)
+    rotation = np.eye(4)
+    rotation[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    stored = np.transpose(data, (2, 1, 0)).copy()
+    return nib.Nifti1Image(stored, rotation @ image.affine @ permute), lambda m: np.transpose(m, (2, 1, 0))
+
+
+def dice(a: np.ndarray, b: np.ndarray, label: int) -> float:
+    return 2 * ((a == label) & (b == label)).sum() / ((a == label).sum() + (b == label).sum())
+
+
+@pytest.mark.parametrize("kind", ["lps", "oblique"])
+def test_masks_keep_shape_affine_and_anatomy_whatever_the_orientation(tmp_path, case_paths, kind):
+    image_path, label_path = case_paths
+    original = nib.load(image_path)
+    truth = np.asarray(nib.load(label_path).dataobj)
+    other, back = reoriented(original, kind)
+    assert nib.aff2axcodes(other.affine) != nib.aff2axcodes(original.affine)
+    nib.save(other, tmp_path / f"{kind}.nii.gz")
+
+    for name in ("ras", kind):
+        source = image_path if name == "ras" else tmp_path / f"{kind}.nii.gz"
+        result = run_segment(
+            "predict",
+            "--model",
+            "hippocampus_3d",
+            "--input",
+            str(source),
+            "--output",
+            str(tmp_path / f"{name}_mask.nii.gz"),
+            cwd=tmp_path,
+        )
+        assert result.returncode == 0, result.stderr
+    ras_mask = nib.load(tmp_path / "ras_mask.nii.gz")
+    other_mask = nib.load(tmp_path / f"{kind}_mask.nii.gz")
+    assert other_mask.shape == other.shape
+    np.testing.assert_allclose(other_mask.affine, other.affine, atol=1e-5)
+    assert other_mask.get_data_dtype() == np.uint8
+    assert b"1=Anterior 2=Posterior" in other_mask.header["descrip"].tobytes()
+    assert json.loads((tmp_path / f"{kind}_mask.labels.json").read_text())["2"] == "Posterior"
+    np.testing.assert_array_equal(back(np.asarray(other_mask.dataobj)), np.asarray(ras_mask.dataobj))
+    assert dice(np.asarray(ras_mask.dataobj), truth, 1) > 0.7
+    assert dice(np.asarray(ras_mask.dataobj), truth, 2) > 0.7
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_nrrd_and_mha_scans_get_masks_with_their_own_geometry(tmp_path, case_paths, model, suffix):
+    image_path, _ = case_paths
+    itk_image = sitk.ReadImage(str(image_path))
+    sitk.WriteImage(itk_image, str(tmp_path / f"scan{suffix}"))
+    result = run_segment(
+        "predict",
+        "--model",
+        "hippocampus_3d",
+        "--input",
+        f"scan{suffix}",
+        "--output",
+        f"mask{suffix}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    mask = sitk.ReadImage(str(tmp_path / f"mask{suffix}"))
+    assert mask.GetSize() == itk_image.GetSize()
+    np.testing.assert_allclose(mask.GetOrigin(), itk_image.GetOrigin(), atol=1e-5)
+    np.testing.assert_allclose(mask.GetSpacing(), itk_image.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(mask.GetDirection(), itk_image.GetDirection(), atol=1e-6)
+    network, config = model
+    expected = segment_scan(network, config, read_scan(image_path), make_runtime("cpu"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mask).transpose(2, 1, 0), expected)
+
+
+def test_switching_skips_off_changes_the_mask(tmp_path, case_paths, model):
+    network, config = model
+    scan = read_scan(case_paths[0])
+    runtime = make_runtime("cpu")
+    all_on = segment_scan(network, config, scan, runtime)
+    all_off = segment_scan(network, config, scan, runtime, [0, 0, 0, 0])
+    assert (all_on != all_off).sum() > 0
+
+
+def test_a_folder_of_scans_gives_one_mask_each(tmp_path, hippocampus_root):
+    images = sorted((hippocampus_root / "Task04_Hippocampus" / "imagesTr").glob("*.nii.gz"))[:3]
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for image in images:
+        (scans / image.name).write_bytes(image.read_bytes())
+    (scans / "notes.txt").write_text("not a scan")
+    result = run_segment(
+        "predict", "--model", "hippocampus_3d", "--input", "scans", "--output", "masks", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "masks").glob("*.nii.gz")) == [image.name for image in images]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("picture.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "is not a supported scan"),
+        ("notes.nii.gz", b"just some text, not a scan", "is not a readable NIfTI file"),
+        ("empty.nii.gz", b"", "is empty"),
+    ],
+)
+def test_bad_inputs_give_one_sentence_and_no_output(tmp_path, name, content, expected):
+    (tmp_path / name).write_bytes(content)
+    result = run_segment(
+        "predict", "--model", "hippocampus_3d", "--input", name, "--output", "mask.nii.gz", cwd=tmp_path
+    )
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_truncated_scan_is_refused_and_leaves_nothing(tmp_path, case_paths):
+    data = case_paths[0].read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(data[: len(data) // 2])
+    result = run_segment(
+        "predict",
+        "--model",
+        "hippocampus_3d",
+        "--input",
+        "cut.nii.gz",
+        "--output",
+        "mask.nii.gz",
+        cwd=tmp_path,
+    )
+    assert result.returncode != 0
+    assert "cut.nii.gz is not a readable NIfTI file" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.nii.gz"]
+
+
+def test_unknown_model_names_the_choices(tmp_path, case_paths):
+    result = run_segment(
+        "predict", "--model", "nonsense", "--input", str(case_paths[0]), "--output", "y.nii.gz", cwd=tmp_path
+    )
+    assert result.returncode != 0
+    assert "is not a bundled model (" in result.stderr
+    assert "hippocampus_3d" in result.stderr
+
+
+def test_evaluate_writes_the_documented_json_with_every_skip_level_ablated(tmp_path, hippocampus_root):
+    result = run_segment(
+        "evaluate",
+        "--model",
+        "hippocampus_3d",
+        "--data",
+        str(hippocampus_root / "Task04_Hippocampus"),
+        "--max-cases",
+        "3",
+        "--ablate-skips",
+        "--json",
+        "report.json",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["model"] == "hippocampus_3d"
+    assert report["cases"] == 3
+    for metric in ("dice", "hd95", "nsd"):
+        assert set(report[metric]) == {"Anterior", "Posterior"}
+    assert 0.7 < report["mean_dice"] <= 1.0
+    assert all(0 <= value < 10 for value in report["hd95"].values())
+    settings = [row["skips"] for row in report["ablation"]]
+    assert settings == [[1, 1, 1, 1], [0, 1, 1, 1], [1, 0, 1, 1], [1, 1, 0, 1], [1, 1, 1, 0], [0, 0, 0, 0]]
+    assert report["ablation"][0]["mean_dice"] == pytest.approx(report["mean_dice"])
+    assert report["ablation"][-1]["mean_dice"] < report["mean_dice"]
