@@ -12,7 +12,7 @@ MLFLOW_PORT ?= 5055
 DATA_ROOT := $(or $(SEGMENT_DATA_ROOT),data)
 STUDY_EPOCHS ?= 40
 
-.PHONY: setup test lint bench lock train mlflow-ui study
+.PHONY: setup test lint browser bench lock train mlflow-ui study app
 
 $(INSTALLED): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,13 +25,22 @@ $(INSTALLED): requirements.lock pyproject.toml
 setup: $(INSTALLED)
 
 lint: $(INSTALLED)
-	$(BIN)/ruff check segment tests benchmarks data_scripts
+	$(BIN)/ruff check segment app tests benchmarks data_scripts
 
-test: lint
+# The browser test drives Debian's Chromium; install it where apt-get may run (CI runs as root).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq chromium >/dev/null) || echo "Chromium not installed: the browser test will skip."
+
+test: lint browser
 	$(BIN)/pytest
 
 train: $(INSTALLED)
 	$(BIN)/segment train --config $(CONFIG) --tracking-uri $(TRACKING_URI) $(ARGS)
+
+APP_PORT ?= 8501
+app: $(INSTALLED)
+	$(BIN)/segment app --port $(APP_PORT)
 
 # One worker and no job runner: the defaults start several processes and about 3 GB.
 mlflow-ui: $(INSTALLED)

@@ -52,6 +52,8 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from segment.atomic import read_only_ancestor
+
 TASK_NAME = "Task90_ISBI2012"
 SOURCE_NAME = "ISBI2012_EM_membrane"
 CASE_PREFIX = "isbi2012"
@@ -200,20 +202,6 @@ def write_task(pairs: list[tuple[int, Path, Path]], folder: Path) -> None:
     (folder / "dataset.json").write_text(json.dumps(dataset_json(case_ids), indent=4) + "\n")
 
 
-def refuse_read_only(folder: Path) -> None:
-    """Raise ConversionError if ``folder``, or its nearest existing ancestor, has no write permission bits.
-
-    Checked on the mode bits rather than with ``os.access`` because the shared data folders are
-    marked read-only to say "do not write here", and ``os.access`` says yes to root regardless.
-    """
-    # The nearest folder that exists is the one a mkdir(parents=True) would write into.
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.stat().st_mode & 0o222:
-        raise ConversionError(
-            f"{existing} is marked read-only, so the task is not written there; pass --output with a writable folder."
-        )
-
-
 def convert(source: Path, output: Path, overwrite: bool = False) -> Path:
     """Convert the ISBI 2012 training slices in ``source`` into the MSD task folder ``output``.
 
@@ -229,7 +217,10 @@ def convert(source: Path, output: Path, overwrite: bool = False) -> Path:
     # Validate the whole source before touching the output side.
     pairs = find_pairs(source)
     try:
-        refuse_read_only(output.parent)
+        if (locked := read_only_ancestor(output.parent)) is not None:
+            raise ConversionError(
+                f"{locked} is marked read-only, so the task is not written there; pass --output with a writable folder."
+            )
         output.parent.mkdir(parents=True, exist_ok=True)
         # A sibling, so the final rename stays on one file system and is atomic. Made with mkdir,
         # not mkdtemp, so the finished task gets the usual umask permissions instead of 0700.

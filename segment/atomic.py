@@ -42,3 +42,13 @@ def write_atomically_as(path: Path, suffix: str, write: Callable[[Path], None]) 
             named.unlink(missing_ok=True)
 
     write_atomically(path, write_named)
+
+
+def read_only_ancestor(folder: Path) -> Path | None:
+    """``folder``, or the nearest existing folder above it, if it has no write permission bits.
+
+    Checked on the mode bits rather than with ``os.access``: shared data folders are marked
+    read-only to say "do not write here", and ``os.access`` says yes to root regardless."""
+    # The nearest folder that exists is the one a mkdir(parents=True) would write into.
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    return None if existing.stat().st_mode & 0o222 else existing

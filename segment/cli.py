@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -296,7 +295,8 @@ def evaluate(
     if json_path is not None and not json_path.parent.is_dir():
         fail(f"Cannot write {json_path}: the folder {json_path.parent} does not exist.")
     network, config = _load(model, tracking_uri)
-    data_config = config.data.model_copy(update={"task": data.name, "max_cases": None})
+    # The model's own data settings, so that --split val is exactly the split it trained on.
+    data_config = config.data.model_copy(update={"task": data.name})
     try:
         runtime = make_runtime(device, config.trainer.amp, config.trainer.channels_last)
         task = split_task(data_config, data.parent, download=False)
@@ -354,6 +354,35 @@ def report(
         typer.echo(f"Wrote {output}")
 
 
+@app.command(name="app")
+def viewer(
+    port: Annotated[int, typer.Option(help="Port to serve the viewer on.")] = 8501,
+    address: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps it local.")] = "127.0.0.1",
+) -> None:
+    """Start the Streamlit viewer (upload a scan, switch skips, see what is lost)."""
+    import os
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    viewer_file = root / "app" / "viewer.py"
+    if not viewer_file.is_file():
+        fail(f"The viewer is not installed alongside the package (expected {viewer_file}).")
+    # Streamlit reads .streamlit/config.toml from the working directory.
+    os.chdir(root)
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(viewer_file),
+        "--server.port",
+        str(port),
+        "--server.address",
+        address,
+    ]
+    os.execv(sys.executable, command)
+
+
 def _print_report(report: dict) -> None:
     typer.echo(f"{report['model']}: {report['cases']} cases, mean Dice {report['mean_dice']:.4f}")
     for name in report["dice"]:
@@ -370,9 +399,6 @@ def _print_report(report: dict) -> None:
 
 
 def main() -> None:
-    # MONAI's own surface-distance code passes an argument it has itself deprecated; the
-    # warning says nothing a user can act on.
-    warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
     app()
 
 

@@ -248,3 +248,33 @@ def evaluation_markdown(report: dict) -> str:
             nsd = " | ".join(f"{row['nsd'][label]:.4f}" for label in labels)
             lines.append(f"| {''.join(str(f) for f in row['skips'])} | {row['mean_dice']:.4f} | {nsd} |")
     return "\n".join(lines) + "\n"
+
+
+def registered_models() -> list[dict[str, Any]]:
+    """Every registered segment model's ``best`` version (else its newest), for pickers."""
+    client = MlflowClient()
+    models = []
+    for registered in client.search_registered_models():
+        versions = client.search_model_versions(f"name='{registered.name}'")
+        if not versions:
+            continue
+        best = registered.aliases.get("best")
+        version = next(
+            (v for v in versions if v.version == str(best)), max(versions, key=lambda v: int(v.version))
+        )
+        alias = "best" if best is not None else None
+        models.append(
+            {
+                "name": registered.name,
+                "uri": f"models:/{registered.name}@best"
+                if alias
+                else f"models:/{registered.name}/{version.version}",
+                "version": int(version.version),
+                "task": version.tags.get("task", ""),
+                "val_mean_dice": float(version.tags["val_mean_dice"])
+                if "val_mean_dice" in version.tags
+                else None,
+                "run_id": version.run_id,
+            }
+        )
+    return sorted(models, key=lambda m: m["name"])

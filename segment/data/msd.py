@@ -32,6 +32,8 @@ from urllib.error import HTTPError, URLError
 
 from monai.apps import DecathlonDataset, HashCheckError, download_url, extractall
 
+from segment.atomic import read_only_ancestor
+
 # Copies, so nothing done to these tables (tests point them at local files) can leak into MONAI.
 TASKS: dict[str, str] = dict(DecathlonDataset.resource)
 MD5: dict[str, str] = dict(DecathlonDataset.md5)
@@ -59,20 +61,6 @@ def quiet_monai_logger() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
-
-
-def refuse_read_only(folder: Path) -> None:
-    """Raise FetchError if ``folder``, or its nearest existing ancestor, has no write permission bits.
-
-    Checked on the mode bits rather than with ``os.access`` because the shared data folders are
-    marked read-only to say "do not write here", and ``os.access`` says yes to root regardless.
-    """
-    # The nearest folder that exists is the one a mkdir(parents=True) would write into.
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.stat().st_mode & 0o222:
-        raise FetchError(
-            f"{existing} is marked read-only, so nothing is downloaded there; pass --data-root with a writable folder."
-        )
 
 
 def _network_reason(error: OSError) -> str:
@@ -140,7 +128,10 @@ def fetch_task(task: str, data_root: Path) -> Path:
 
     created_root = not data_root.exists()
     try:
-        refuse_read_only(data_root)
+        if (locked := read_only_ancestor(data_root)) is not None:
+            raise FetchError(
+                f"{locked} is marked read-only, so nothing is downloaded there; pass --data-root with a writable folder."
+            )
         data_root.mkdir(parents=True, exist_ok=True)
         partial = data_root / f".{task}.partial-{os.getpid()}-{secrets.token_hex(4)}"
         partial.mkdir()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,12 +16,14 @@ from tqdm.auto import tqdm
 from segment.config import ExperimentConfig
 from segment.data.tasks import case_id
 from segment.engine.device import Runtime
-from segment.engine.inference import predict_logits
-from segment.engine.predict import prepare
+from segment.engine.predict import predict_prepared, prepare
 from segment.io import ScanError, read_scan
 from segment.models import UNet
 
 NSD_TOLERANCE_MM = 1.0
+# MONAI's own surface-distance code passes an argument it has itself deprecated; the warning
+# says nothing a user of this module can act on.
+warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
 
 
 @dataclass
@@ -103,15 +106,7 @@ def evaluate_cases(
         truth = label.array.round().astype(np.int64)
         prepared = prepare(scan, config)
         for setting in settings:
-            logits = predict_logits(
-                model,
-                prepared.volume,
-                runtime,
-                config.trainer.roi_size,
-                config.trainer.sw_batch_size,
-                setting,
-            )
-            prediction = prepared.restore(logits.argmax(dim=1))
+            prediction = predict_prepared(model, config, prepared, runtime, setting)
             results[setting].append(score_case(case_id(case), prediction, truth, scan.spacing, label_names))
     return results
 

@@ -62,7 +62,18 @@ def segment_scan(
     progress: bool = False,
 ) -> np.ndarray:
     """Integer labels for ``scan``, same shape and voxel order as ``scan.array``."""
-    prepared = prepare(scan, config)
+    return predict_prepared(model, config, prepare(scan, config), runtime, skips, progress)
+
+
+def predict_prepared(
+    model: UNet,
+    config: ExperimentConfig,
+    prepared: PreparedScan,
+    runtime: Runtime,
+    skips: SkipMask = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Integer labels for an already prepared scan, in the scan's own voxel grid."""
     logits = predict_logits(
         model,
         prepared.volume,

@@ -1,0 +1,154 @@
+"""Turning volumes and masks into RGB slice pictures: display orientation, intensity windows,
+label overlays, crosshairs. Pure numpy; nothing here knows about models or Streamlit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+
+from segment.plots import LABEL_COLOURS
+
+PLANES = ("axial", "coronal", "sagittal")
+# Window presets as (level, width); "auto" uses the 1st-99th percentile of the scan.
+CT_PRESETS = {
+    "CT soft tissue": (40.0, 400.0),
+    "CT lung": (-600.0, 1500.0),
+    "CT bone": (300.0, 2000.0),
+    "CT brain": (40.0, 80.0),
+}
+AUTO_PRESET = "percentile auto (MRI and other)"
+LOST_COLOUR = (230, 25, 75)
+GAINED_COLOUR = (66, 212, 244)
+CROSSHAIR_COLOUR = (255, 225, 25)
+TARGET_PIXELS = 360  # longest side of a rendered plane
+
+
+@dataclass(frozen=True)
+class DisplayVolume:
+    """A volume reoriented to RAS for display only (axes flipped and swapped, never resampled)."""
+
+    data: np.ndarray  # (R, A, S) voxel order
+    spacing: tuple[float, float, float]
+    orientation: np.ndarray  # nibabel orientation that maps the file's axes to RAS
+
+    @classmethod
+    def from_array(cls, array: np.ndarray, affine: np.ndarray) -> DisplayVolume:
+        orientation = nib.orientations.io_orientation(affine)
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        ras_spacing = tuple(float(spacing[int(axis)]) for axis in _inverse_axes(orientation))
+        return cls(nib.orientations.apply_orientation(array, orientation), ras_spacing, orientation)
+
+    def same_view(self, array: np.ndarray) -> np.ndarray:
+        """Reorient another array of the scan's grid (a mask) exactly like the scan."""
+        return nib.orientations.apply_orientation(array, self.orientation)
+
+
+def _inverse_axes(orientation: np.ndarray) -> list[int]:
+    """For each RAS axis, the file axis that feeds it."""
+    axes = [0, 0, 0]
+    for file_axis, (ras_axis, _) in enumerate(orientation):
+        axes[int(ras_axis)] = file_axis
+    return axes
+
+
+def plane_slice(volume: np.ndarray, plane: str, index: int) -> np.ndarray:
+    """A 2D slice in radiological convention: patient right on screen left, anterior or
+    superior at the top. volume is in RAS voxel order."""
+    if plane == "axial":
+        return volume[::-1, ::-1, index].T  # rows anterior -> posterior, columns right -> left
+    if plane == "coronal":
+        return volume[::-1, index, ::-1].T  # rows superior -> inferior, columns right -> left
+    return volume[index, ::-1, ::-1].T  # rows superior -> inferior, columns anterior -> posterior
+
+
+def plane_axis(plane: str) -> int:
+    return {"axial": 2, "coronal": 1, "sagittal": 0}[plane]
+
+
+def crosshair(plane: str, position: tuple[int, int, int], shape: tuple[int, int, int]) -> tuple[int, int]:
+    """(row, column) in :func:`plane_slice`'s picture where the other two planes cross."""
+    x, y, z = position
+    if plane == "axial":
+        return shape[1] - 1 - y, shape[0] - 1 - x
+    if plane == "coronal":
+        return shape[2] - 1 - z, shape[0] - 1 - x
+    return shape[2] - 1 - z, shape[1] - 1 - y
+
+
+def window(image: np.ndarray, level: float, width: float) -> np.ndarray:
+    """Map intensities to uint8 grey through a level/width window."""
+    low = level - width / 2.0
+    scaled = (image.astype(np.float32) - low) / max(width, 1e-6)
+    return (np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def auto_window(volume: np.ndarray) -> tuple[float, float]:
+    low, high = np.percentile(volume, [1, 99])
+    return float((low + high) / 2), float(max(high - low, 1e-3))
+
+
+def _hex_rgb(colour: str) -> tuple[int, int, int]:
+    return tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
+
+
+def label_colour(value: int) -> tuple[int, int, int]:
+    return _hex_rgb(LABEL_COLOURS[(value - 1) % len(LABEL_COLOURS)])
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` that touch a pixel outside it (4-neighbourhood)."""
+    padded = np.pad(mask, 1, mode="constant")
+    inner = padded[1:-1, :-2] & padded[1:-1, 2:] & padded[:-2, 1:-1] & padded[2:, 1:-1]
+    return mask & ~inner
+
+
+def paint(rgb: np.ndarray, where: np.ndarray, colour: tuple[int, int, int], opacity: float) -> None:
+    rgb[where] = (1.0 - opacity) * rgb[where] + opacity * np.asarray(colour, dtype=np.float32)
+
+
+def compose(
+    grey: np.ndarray,
+    labels: np.ndarray | None,
+    opacity: float,
+    filled: bool,
+    cross: tuple[int, int] | None = None,
+    lost: np.ndarray | None = None,
+    gained: np.ndarray | None = None,
+) -> np.ndarray:
+    """An RGB uint8 picture: the grey slice, coloured labels (filled or outlined), lost and
+    gained voxels, and the crosshair."""
+    rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
+    if labels is not None:
+        for value in np.unique(labels):
+            if value == 0:
+                continue
+            region = labels == value
+            paint(
+                rgb,
+                region if filled else outline(region),
+                label_colour(int(value)),
+                opacity if filled else 1.0,
+            )
+    for changed, colour in ((lost, LOST_COLOUR), (gained, GAINED_COLOUR)):
+        if changed is not None:
+            paint(rgb, changed, colour, 0.85)
+    if cross is not None:
+        row, column = cross
+        rgb[row, :] = 0.5 * rgb[row, :] + 0.5 * np.asarray(CROSSHAIR_COLOUR)
+        rgb[:, column] = 0.5 * rgb[:, column] + 0.5 * np.asarray(CROSSHAIR_COLOUR)
+    return rgb.astype(np.uint8)
+
+
+def display_size(shape: tuple[int, int], pixel_mm: tuple[float, float]) -> tuple[int, int]:
+    """(width, height) in screen pixels keeping the physical aspect ratio of the slice."""
+    height_mm, width_mm = shape[0] * pixel_mm[0], shape[1] * pixel_mm[1]
+    scale = TARGET_PIXELS / max(height_mm, width_mm)
+    return max(1, round(width_mm * scale)), max(1, round(height_mm * scale))
+
+
+def plane_pixel_mm(plane: str, spacing: tuple[float, float, float]) -> tuple[float, float]:
+    """(row, column) pixel size in mm of :func:`plane_slice`'s picture."""
+    sx, sy, sz = spacing
+    return {"axial": (sy, sx), "coronal": (sz, sx), "sagittal": (sz, sy)}[plane]

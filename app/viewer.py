@@ -1,0 +1,299 @@
+"""The segment viewer: upload a scan, see the mask, switch long skips off, see what is lost.
+
+Run with `make app` or `segment app`. Every model call goes through the segment library (the
+same code as the CLI); this page only arranges widgets and pictures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+from PIL import Image
+from rendering import (
+    AUTO_PRESET,
+    CT_PRESETS,
+    PLANES,
+    DisplayVolume,
+    auto_window,
+    compose,
+    crosshair,
+    display_size,
+    label_colour,
+    plane_axis,
+    plane_pixel_mm,
+    plane_slice,
+    window,
+)
+
+from segment import tracking
+from segment.engine.device import make_runtime
+from segment.engine.explore import SkipExplorer
+from segment.io import ScanError, read_scan, write_mask
+from segment.models import ModelLoadError, load_model
+from segment.models.sources import bundled_models, resolve_model
+
+NIFTI_NAMES = (".nii", ".nii.gz")
+
+st.set_page_config(page_title="segment viewer", layout="wide")
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def model_choices() -> dict[str, str]:
+    """Display name -> model spec: bundled models first, then MLflow's registered models."""
+    choices = {f"{name} (bundled)": name for name in bundled_models()}
+    try:
+        tracking.use_store()
+        for entry in tracking.registered_models():
+            dice = "" if entry["val_mean_dice"] is None else f", val Dice {entry['val_mean_dice']:.3f}"
+            choices[f"{entry['name']} v{entry['version']} ({entry['task']}{dice})"] = entry["uri"]
+    except Exception as error:  # an unreachable or broken store must not take the viewer down
+        st.sidebar.caption(f"MLflow models unavailable: {error.__class__.__name__}")
+    return choices
+
+
+@st.cache_resource(show_spinner=False)
+def loaded_model(spec: str):
+    """One shared, read-only model per spec for every session; skip masks are arguments."""
+    model, config = load_model(resolve_model(spec))
+    runtime = make_runtime("auto", config.trainer.amp, config.trainer.channels_last)
+    return runtime.prepare_model(model).eval(), config, runtime
+
+
+def read_upload(upload, what: str):
+    """The uploaded bytes as a Scan, read from a temporary file whose name we choose: the
+    uploaded name is only checked, never used as a path."""
+    name = upload.name.lower()
+    if not name.endswith(NIFTI_NAMES):
+        raise ScanError(f"The {what} {upload.name!r} is not a NIfTI file; upload .nii or .nii.gz.")
+    suffix = ".nii.gz" if name.endswith(".nii.gz") else ".nii"
+    data = upload.getvalue()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"{what}{suffix}"
+        path.write_bytes(data)
+        scan = read_scan(path)
+    return scan, hashlib.sha256(data).hexdigest()
+
+
+def level_labels(config, scan) -> list[str]:
+    """``level 1 - full resolution, 1 mm`` ... for each long skip."""
+    spacing = config.data.spacing or scan.spacing
+    labels = []
+    for level in range(1, config.model.levels):
+        factor = 2 ** (level - 1)
+        size = (
+            " x ".join(f"{s * factor:g}" for s in spacing)
+            if len(set(spacing)) > 1
+            else f"{spacing[0] * factor:g}"
+        )
+        scale = "full resolution" if level == 1 else f"1/{factor} resolution"
+        labels.append(f"level {level} - {scale}, {size} mm")
+    return labels
+
+
+def mask_download(mask: np.ndarray, scan, label_names) -> bytes:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "mask.nii.gz"
+        write_mask(mask, scan, path, label_names)
+        return path.read_bytes()
+
+
+st.title("segment viewer")
+st.caption(
+    "Upload a scan, see the predicted mask, switch long skip connections off and see the detail they carried."
+)
+
+choices = model_choices()
+if not choices:
+    st.error("No model available: train one (`make train`) or restore the bundled models.")
+    st.stop()
+choice = st.sidebar.selectbox("Model", list(choices), key="model")
+try:
+    model, config, runtime = loaded_model(choices[choice])
+except ModelLoadError as error:
+    st.error(str(error))
+    st.stop()
+dropout = max(config.model.skip_dropout_per_level)
+if config.model.skips is not None and not all(config.model.skips):
+    st.sidebar.info("This model was trained without some long skips; its switches start in that state.")
+elif dropout > 0:
+    st.sidebar.success(
+        f"Trained with skip dropout {dropout:g}: switching skips off stays close to what it saw in training."
+    )
+else:
+    st.sidebar.warning(
+        "Trained without skip dropout: a switched-off skip feeds the decoder zeros it never saw, "
+        "so the loss shown exaggerates what the skip carries."
+    )
+
+upload = st.file_uploader("Scan (.nii or .nii.gz)", type=["nii", "gz"], key="scan")
+truth_upload = st.file_uploader("Ground-truth labels (optional)", type=["nii", "gz"], key="truth")
+if upload is None:
+    st.info("Upload a NIfTI scan to begin.")
+    st.stop()
+try:
+    scan, digest = read_upload(upload, "scan")
+except ScanError as error:
+    st.error(str(error))
+    st.stop()
+for warning in scan.warnings:
+    st.warning(warning)
+truth = None
+if truth_upload is not None:
+    try:
+        label_scan, _ = read_upload(truth_upload, "labels")
+        if label_scan.array.shape != scan.array.shape or not np.allclose(
+            label_scan.affine, scan.affine, atol=1e-3
+        ):
+            raise ScanError(
+                "The ground truth's shape or affine differs from the scan's; upload the labels of this scan."
+            )
+        truth = label_scan.array
+    except ScanError as error:
+        st.error(str(error))
+
+# One explorer per session, scan and model: it caches the encoder output and every mask.
+key = (digest, choices[choice])
+if st.session_state.get("explorer_key") != key:
+    with st.spinner("Segmenting..."):
+        st.session_state["explorer"] = SkipExplorer(model, config, scan, runtime)
+        st.session_state["explorer"].mask()
+    st.session_state["explorer_key"] = key
+explorer: SkipExplorer = st.session_state["explorer"]
+
+st.sidebar.subheader("Long skip connections")
+default_skips = model.resolve_skips(None)
+skips = tuple(
+    st.sidebar.toggle(label, value=default_skips[level], key=f"skip_{level}")
+    for level, label in enumerate(level_labels(config, scan))
+)
+st.sidebar.subheader("Display")
+label_names = config.label_names
+presets = [AUTO_PRESET, *CT_PRESETS]
+preset = st.sidebar.selectbox(
+    "Intensity window", presets, index=1 if config.data.modality == "ct" else 0, key="preset"
+)
+level, width = CT_PRESETS.get(preset) or auto_window(scan.array)
+if st.sidebar.checkbox("Manual level and width", key="manual_window"):
+    level = st.sidebar.number_input("Level", value=float(level), key="level")
+    width = st.sidebar.number_input("Width", value=float(width), min_value=1e-3, key="width")
+opacity = st.sidebar.slider("Mask opacity", 0.0, 1.0, 0.45, key="opacity")
+filled = st.sidebar.radio("Mask style", ["filled", "outline"], horizontal=True, key="style") == "filled"
+
+with st.spinner("Decoding..."):
+    reference = explorer.mask(default_skips)
+    mask = explorer.mask(skips)
+change = explorer.compare(mask, reference)
+
+display = DisplayVolume.from_array(scan.array, scan.affine)
+volume = display.data
+views = {
+    "mask": display.same_view(mask),
+    "lost": display.same_view(change.lost),
+    "gained": display.same_view(change.gained),
+}
+position = tuple(
+    st.sidebar.slider(
+        f"{plane} slice",
+        0,
+        volume.shape[plane_axis(plane)] - 1,
+        volume.shape[plane_axis(plane)] // 2,
+        key=f"slice_{plane}",
+    )
+    for plane in ("sagittal", "coronal", "axial")
+)
+
+legend = " ".join(
+    f"<span style='color:rgb{label_colour(value)}'>&#9632;</span> {name}"
+    for value, name in sorted(label_names.items())
+    if value > 0
+)
+st.markdown(f"**Mask** ({'skips ' + ''.join(str(int(s)) for s in skips)}): {legend}", unsafe_allow_html=True)
+
+
+def render(plane: str, labels: np.ndarray | None, lost=None, gained=None) -> Image.Image:
+    index = position[plane_axis(plane)]
+    grey = window(plane_slice(volume, plane, index), level, width)
+    picture = compose(
+        grey,
+        None if labels is None else plane_slice(labels, plane, index),
+        opacity,
+        filled,
+        crosshair(plane, position, volume.shape),
+        None if lost is None else plane_slice(lost, plane, index),
+        None if gained is None else plane_slice(gained, plane, index),
+    )
+    size = display_size(grey.shape, plane_pixel_mm(plane, display.spacing))
+    return Image.fromarray(picture).resize(size, Image.NEAREST)
+
+
+for column, plane in zip(st.columns(3), PLANES, strict=True):
+    column.image(render(plane, views["mask"]), caption=plane, width="stretch")
+
+if any(s != d for s, d in zip(skips, default_skips, strict=True)):
+    st.markdown(
+        "**Lost detail**: <span style='color:rgb(230,25,75)'>&#9632;</span> labelled with every skip on, not now; "
+        "<span style='color:rgb(66,212,244)'>&#9632;</span> labelled now, not with every skip on.",
+        unsafe_allow_html=True,
+    )
+    for column, plane in zip(st.columns(3), PLANES, strict=True):
+        column.image(
+            render(plane, None, views["lost"], views["gained"]),
+            caption=f"{plane}: lost / gained",
+            width="stretch",
+        )
+
+rows = []
+for value, name in sorted(label_names.items()):
+    if value == 0:
+        continue
+    voxel_ml = float(np.prod(scan.spacing)) / 1000.0
+    rows.append(
+        {
+            "label": name,
+            "volume (mL)": round(float((mask == value).sum()) * voxel_ml, 4),
+            "change vs all skips on (mL)": round(change.volume_change_ml[name], 4),
+            "Dice vs all skips on": round(change.dice_to_reference[name], 4),
+        }
+    )
+table = pd.DataFrame(rows)
+st.markdown(
+    "**Against all skips on**: "
+    + ", ".join(
+        f"{row['label']} Dice {row['Dice vs all skips on']:.3f}, {row['change vs all skips on (mL)']:+.3f} mL"
+        for row in rows
+    )
+)
+if truth is not None:
+    current, full = explorer.score(mask, truth), explorer.score(reference, truth)
+    for metric in ("dice", "hd95", "nsd"):
+        table[f"{metric} vs truth (now)"] = [
+            round(getattr(current, metric)[name], 4) for name in table["label"]
+        ]
+        table[f"{metric} vs truth (all on)"] = [
+            round(getattr(full, metric)[name], 4) for name in table["label"]
+        ]
+st.dataframe(table, hide_index=True)
+
+left, right = st.columns(2)
+left.download_button(
+    "Download mask (NIfTI)",
+    mask_download(mask, scan, label_names),
+    file_name="mask.nii.gz",
+    mime="application/gzip",
+    key="download_mask",
+)
+csv = io.StringIO()
+table.to_csv(csv, index=False)
+right.download_button(
+    "Download volumes and metrics (CSV)",
+    csv.getvalue(),
+    file_name="metrics.csv",
+    mime="text/csv",
+    key="download_csv",
+)

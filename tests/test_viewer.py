@@ -1,0 +1,130 @@
+"""The Streamlit viewer driven headless (AppTest) with a real hippocampus scan and model."""
+
+from __future__ import annotations
+
+import gzip
+import io
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import ROOT
+from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+from streamlit.testing.v1 import AppTest
+
+VIEWER = str(ROOT / "app" / "viewer.py")
+CASE = "hippocampus_001"
+
+
+@pytest.fixture
+def case_bytes(hippocampus_root) -> tuple[bytes, bytes]:
+    task = hippocampus_root / "Task04_Hippocampus"
+    return (task / "imagesTr" / f"{CASE}.nii.gz").read_bytes(), (
+        task / "labelsTr" / f"{CASE}.nii.gz"
+    ).read_bytes()
+
+
+@pytest.fixture
+def media(monkeypatch) -> dict[str, bytes]:
+    """Every file the page hands to the browser (pictures, downloads), by its URL's file id."""
+    served: dict[str, bytes] = {}
+    original = MemoryMediaFileStorage.load_and_get_id
+
+    def recording(self, path_or_data, mimetype, kind, filename=None):
+        file_id = original(self, path_or_data, mimetype, kind, filename)
+        served[file_id] = self._files_by_id[file_id].content
+        return file_id
+
+    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", recording)
+    return served
+
+
+@pytest.fixture
+def viewer(tmp_path, monkeypatch) -> AppTest:
+    # An empty MLflow store of its own: the picker then lists the bundled models only.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    return AppTest.from_file(VIEWER, default_timeout=180).run()
+
+
+def upload(app: AppTest, key: str, name: str, data: bytes) -> AppTest:
+    return app.file_uploader(key=key).set_value((name, data, "application/gzip")).run()
+
+
+def served(media: dict[str, bytes], url: str) -> bytes:
+    return media[url.rsplit("/", 1)[-1].split(".")[0]]
+
+
+def metrics(app: AppTest) -> pd.DataFrame:
+    return app.dataframe[0].value
+
+
+def test_upload_shows_the_mask_and_switching_a_skip_changes_picture_and_numbers(viewer, case_bytes, media):
+    scan, truth = case_bytes
+    assert "Upload a NIfTI scan to begin." in [info.value for info in viewer.info]
+    app = upload(viewer, "scan", "case.nii.gz", scan)
+    assert not app.exception and not app.error
+    assert [image.captions[0] for image in app.image] == ["axial", "coronal", "sagittal"]
+    before = [image.value[0] for image in app.image]
+    table = metrics(app)
+    assert list(table["label"]) == ["Anterior", "Posterior"]
+    assert (table["volume (mL)"] > 0.5).all()
+    assert (table["Dice vs all skips on"] == 1.0).all()
+
+    app = upload(app, "truth", "labels.nii.gz", truth)
+    assert (metrics(app)["dice vs truth (all on)"] > 0.8).all()
+
+    app = app.toggle(key="skip_0").set_value(False).run()
+    assert not app.exception
+    table = metrics(app)
+    assert (table["Dice vs all skips on"] < 1.0).all()
+    assert (table["change vs all skips on (mL)"] != 0).any()
+    assert (table["dice vs truth (now)"] != table["dice vs truth (all on)"]).any()
+    after = [image.value[0] for image in app.image]
+    assert len(after) == 6, "the lost-detail row appears once a skip is off"
+    assert after[:3] != before, "the mask pictures change"
+    from PIL import Image
+
+    lost_picture = np.asarray(Image.open(io.BytesIO(served(media, after[3]))))
+    assert (lost_picture[..., 0].astype(int) - lost_picture[..., 2] > 100).any(), (
+        "lost voxels are drawn in red"
+    )
+
+
+def test_the_mask_download_is_a_nifti_with_the_scans_geometry(viewer, case_bytes, media):
+    scan, _ = case_bytes
+    app = upload(viewer, "scan", "case.nii.gz", scan)
+    buttons = {button.proto.label: button.proto.url for button in app.get("download_button")}
+    mask = nib.Nifti1Image.from_bytes(gzip.decompress(served(media, buttons["Download mask (NIfTI)"])))
+    original = nib.Nifti1Image.from_bytes(gzip.decompress(scan))
+    assert mask.shape == original.shape
+    np.testing.assert_allclose(mask.affine, original.affine, atol=1e-5)
+    assert set(np.unique(np.asarray(mask.dataobj))) == {0, 1, 2}
+    table = pd.read_csv(io.BytesIO(served(media, buttons["Download volumes and metrics (CSV)"])))
+    assert list(table["label"]) == ["Anterior", "Posterior"]
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "expected"),
+    [
+        ("notes.txt.gz", b"hello", "is not a NIfTI file"),
+        ("broken.nii.gz", b"\x1f\x8b\x08\x00not really gzip", "is not a readable NIfTI file"),
+        ("empty.nii", b"", "is empty"),
+    ],
+)
+def test_unusable_uploads_give_an_error_and_the_app_keeps_working(viewer, case_bytes, name, data, expected):
+    app = upload(viewer, "scan", name, data)
+    assert not app.exception
+    assert any(expected in error.value for error in app.error)
+    app = upload(app, "scan", "case.nii.gz", case_bytes[0])
+    assert not app.error
+    assert list(metrics(app)["label"]) == ["Anterior", "Posterior"]
+
+
+def test_a_ground_truth_of_another_scan_is_refused(viewer, case_bytes, hippocampus_root):
+    other = sorted((hippocampus_root / "Task04_Hippocampus" / "labelsTr").glob("*.nii.gz"))[5].read_bytes()
+    app = upload(viewer, "scan", "case.nii.gz", case_bytes[0])
+    app = upload(app, "truth", "other.nii.gz", other)
+    assert any("differs from the scan's" in error.value for error in app.error)
+    assert "dice vs truth (now)" not in metrics(app).columns
