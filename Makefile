@@ -75,6 +75,7 @@ study: $(INSTALLED)
 bench: $(INSTALLED)
 	$(BIN)/python benchmarks/model_step.py
 	$(BIN)/python benchmarks/inference.py
+	$(BIN)/python benchmarks/viewer.py
 
 lock: $(INSTALLED)
 	head -3 requirements.lock > requirements.lock.new

@@ -33,7 +33,9 @@ def main() -> None:
     model, config = load_model(resolve_model(args.model))
     runtime = make_runtime("cpu", config.trainer.amp, config.trainer.channels_last)
     model = runtime.prepare_model(model)
-    images = sorted((resolve_data_root(args.data_root) / config.data.task / "imagesTr").glob("*.nii.gz"))[: args.cases]
+    images = sorted((resolve_data_root(args.data_root) / config.data.task / "imagesTr").glob("*.nii.gz"))[
+        : args.cases
+    ]
     if not images:
         raise SystemExit(f"No {config.data.task} images under the data root; set SEGMENT_DATA_ROOT.")
     network_seconds, total_seconds = [], []
@@ -51,7 +53,9 @@ def main() -> None:
                 if not warmup:
                     network_seconds.append(network_end - network_start)
                     total_seconds.append(time.perf_counter() - start)
-    print(f"{args.model} on {len(images)} {config.data.task} volumes, {runtime.describe()}, {torch.get_num_threads()} threads")
+    print(
+        f"{args.model} on {len(images)} {config.data.task} volumes, {runtime.describe()}, {torch.get_num_threads()} threads"
+    )
     print(f"network_seconds_per_volume: {statistics.median(network_seconds):.4f}")
     print(f"file_to_mask_seconds_per_volume: {statistics.median(total_seconds):.4f}")
 

@@ -217,3 +217,43 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert learning_rate(config, 0.0, 9, 10) == pytest.approx(peak)
     assert learning_rate(config, 0.5, 50, 10) == pytest.approx(peak / 2)
     assert learning_rate(config, 1.0, 100, 10) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_2d_patch_model_trains_on_converted_isbi_slices(tmp_path, hippocampus_root):
+    source = hippocampus_root / "ISBI2012_EM_membrane"
+    converted = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "data_scripts" / "isbi2012_to_nifti.py"),
+            "--source",
+            str(source),
+            "--output",
+            str(tmp_path / "Task90_ISBI2012"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert converted.returncode == 0, converted.stderr
+    overrides = [
+        "data.max_cases=4",
+        "data.val_fraction=0.25",
+        "data.patch_size=[64,64]",
+        "data.patches_per_volume=2",
+        "model.levels=3",
+        "model.base_channels=4",
+        "trainer.max_epochs=1",
+        "trainer.batch_size=2",
+        "trainer.warmup_epochs=0",
+        "trainer.roi_size=[64,64]",
+    ]
+    config = load_config(ROOT / "configs" / "isbi2012_2d.yaml", overrides)
+    result = train(
+        config,
+        data_root=tmp_path,
+        tracking_uri=store(tmp_path),
+        output_root=tmp_path / "runs",
+        progress=False,
+    )
+    assert set(result.best_dice) == {"membrane"}
+    assert 0.0 <= result.best_mean_dice <= 1.0

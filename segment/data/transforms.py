@@ -59,17 +59,22 @@ def _sample(config: ExperimentConfig) -> list:
             T.SqueezeDimd(keys, dim=3),
         ]
     if data.patch_size is not None:
-        steps += [
-            T.SpatialPadd(keys, spatial_size=data.patch_size),
-            T.RandCropByPosNegLabeld(
-                keys,
-                label_key=LABEL,
-                spatial_size=data.patch_size,
-                pos=1,
-                neg=1,
-                num_samples=1 if dims == 2 else data.patches_per_volume,
-            ),
-        ]
+        steps.append(T.SpatialPadd(keys, spatial_size=data.patch_size))
+        if dims == 2:
+            # Each slice above is already one sample: a single crop keeps it one dict, where a
+            # multi-sample crop would nest lists inside the list of slices.
+            steps.append(T.RandSpatialCropd(keys, roi_size=data.patch_size, random_size=False))
+        else:
+            steps.append(
+                T.RandCropByPosNegLabeld(
+                    keys,
+                    label_key=LABEL,
+                    spatial_size=data.patch_size,
+                    pos=1,
+                    neg=1,
+                    num_samples=data.patches_per_volume,
+                )
+            )
     return steps
 
 

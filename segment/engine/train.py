@@ -306,11 +306,9 @@ class _Loop:
             self.state.epochs_done = epoch + 1
             self.state.elapsed_seconds = time.perf_counter() - session_start
             if self.distributed.is_main:
-                metrics |= {
-                    "epoch": epoch + 1,
-                    "train_minutes": self.state.elapsed_seconds / 60,
-                    "best_val_mean_dice": self.state.best_mean_dice,
-                }
+                metrics |= {"epoch": epoch + 1, "train_minutes": self.state.elapsed_seconds / 60}
+                if self.state.best_mean_dice >= 0:  # -1 until the first validation
+                    metrics["best_val_mean_dice"] = self.state.best_mean_dice
                 mlflow.log_metrics(metrics, step=epoch + 1)
                 self.history.setdefault("train_loss", []).append((epoch + 1, metrics["train_loss"]))
                 save_checkpoint(self.run_dir, self.state, self.model, self.optimiser, self.scaler)
