@@ -66,18 +66,23 @@ def loaded_model(spec: str):
 
 
 def read_upload(upload, what: str):
-    """The uploaded bytes as a Scan, read from a temporary file whose name we choose: the
-    uploaded name is only checked, never used as a path."""
+    """The uploaded bytes as a Scan, parsed once per upload (slider moves rerun this page).
+
+    The file is written under a name we choose: the uploaded name is only checked, never used
+    as a path."""
     name = upload.name.lower()
     if not name.endswith(NIFTI_NAMES):
         raise ScanError(f"The {what} {upload.name!r} is not a NIfTI file; upload .nii or .nii.gz.")
-    suffix = ".nii.gz" if name.endswith(".nii.gz") else ".nii"
     data = upload.getvalue()
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / f"{what}{suffix}"
-        path.write_bytes(data)
-        scan = read_scan(path)
-    return scan, hashlib.sha256(data).hexdigest()
+    digest = hashlib.sha256(data).hexdigest()
+    parsed = st.session_state.setdefault("parsed_uploads", {})
+    if parsed.get(what, (None, None))[0] != digest:
+        suffix = ".nii.gz" if name.endswith(".nii.gz") else ".nii"
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / f"{what}{suffix}"
+            path.write_bytes(data)
+            parsed[what] = (digest, read_scan(path))
+    return parsed[what][1], digest
 
 
 def level_labels(config, scan) -> list[str]:
@@ -163,8 +168,12 @@ if st.session_state.get("explorer_key") != key:
     with st.spinner("Segmenting..."):
         st.session_state["explorer"] = SkipExplorer(model, config, scan, runtime)
         st.session_state["explorer"].mask()
+        # Display orientation and the auto window depend on the scan only: not per rerun.
+        st.session_state["display"] = DisplayVolume.from_array(scan.array, scan.affine)
+        st.session_state["auto_window"] = auto_window(scan.array)
     st.session_state["explorer_key"] = key
 explorer: SkipExplorer = st.session_state["explorer"]
+display: DisplayVolume = st.session_state["display"]
 
 st.sidebar.subheader("Long skip connections")
 default_skips = model.resolve_skips(None)
@@ -178,7 +187,7 @@ presets = [AUTO_PRESET, *CT_PRESETS]
 preset = st.sidebar.selectbox(
     "Intensity window", presets, index=1 if config.data.modality == "ct" else 0, key="preset"
 )
-level, width = CT_PRESETS.get(preset) or auto_window(scan.array)
+level, width = CT_PRESETS.get(preset) or st.session_state["auto_window"]
 if st.sidebar.checkbox("Manual level and width", key="manual_window"):
     level = st.sidebar.number_input("Level", value=float(level), key="level")
     width = st.sidebar.number_input("Width", value=float(width), min_value=1e-3, key="width")
@@ -190,7 +199,6 @@ with st.spinner("Decoding..."):
     mask = explorer.mask(skips)
 change = explorer.compare(mask, reference)
 
-display = DisplayVolume.from_array(scan.array, scan.affine)
 volume = display.data
 views = {
     "mask": display.same_view(mask),
@@ -249,10 +257,10 @@ if any(s != d for s, d in zip(skips, default_skips, strict=True)):
         )
 
 rows = []
+voxel_ml = float(np.prod(scan.spacing)) / 1000.0
 for value, name in sorted(label_names.items()):
     if value == 0:
         continue
-    voxel_ml = float(np.prod(scan.spacing)) / 1000.0
     rows.append(
         {
             "label": name,

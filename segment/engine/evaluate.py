@@ -48,8 +48,10 @@ def score_case(
     if prediction.shape != truth.shape:
         raise ValueError(f"{case}: prediction {prediction.shape} and label {truth.shape} differ in shape")
     classes = max(label_names) + 1
-    as_one_hot = lambda labels: one_hot(torch.as_tensor(labels.astype(np.int64))[None, None], classes)  # noqa: E731
-    predicted, expected = as_one_hot(prediction), as_one_hot(truth)
+    predicted, expected = (
+        one_hot(torch.as_tensor(labels.astype(np.int64))[None, None], classes)
+        for labels in (prediction, truth)
+    )
     dice = compute_dice(predicted, expected, include_background=False, ignore_empty=False)[0]
     hd95 = compute_hausdorff_distance(predicted, expected, percentile=95, spacing=list(spacing))[0]
     nsd = compute_surface_dice(
