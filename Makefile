@@ -10,7 +10,9 @@ ARGS ?=
 TRACKING_URI ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 MLFLOW_PORT ?= 5055
 DATA_ROOT := $(or $(SEGMENT_DATA_ROOT),data)
-STUDY_EPOCHS ?= 40
+STUDY_EPOCHS ?= 30
+# The default 3D model's long skips with one level off at a time, finest first.
+LEVEL_OFF_SKIPS := 0111 1011 1101 1110
 
 .PHONY: setup test lint browser bench lock train mlflow-ui study app
 
@@ -54,6 +56,12 @@ study: $(INSTALLED)
 		$(BIN)/segment train --config configs/$$config.yaml --data-root $(DATA_ROOT) --tracking-uri $(TRACKING_URI) \
 			--quiet --set trainer.max_epochs=$(STUDY_EPOCHS); \
 	done
+	# One model per long skip trained without it, to set against switching it off at inference.
+	set -e; for skips in $(LEVEL_OFF_SKIPS); do \
+		$(BIN)/segment train --config configs/hippocampus_3d.yaml --data-root $(DATA_ROOT) --tracking-uri $(TRACKING_URI) \
+			--quiet --set trainer.max_epochs=$(STUDY_EPOCHS) name=hippocampus_3d_skips$$skips model.skip_dropout=0 \
+			"model.skips=[$$(echo $$skips | sed 's/./&,/g; s/,$$//')]"; \
+	done
 	test -d data/Task90_ISBI2012 || $(BIN)/python data_scripts/isbi2012_to_nifti.py \
 		--source $(DATA_ROOT)/ISBI2012_EM_membrane --output data/Task90_ISBI2012
 	$(BIN)/segment train --config configs/isbi2012_2d.yaml --data-root data --tracking-uri $(TRACKING_URI) \
@@ -64,18 +72,19 @@ study: $(INSTALLED)
 		$(BIN)/segment evaluate --model models:/$$model/latest --data $(DATA_ROOT)/Task04_Hippocampus \
 			--split val --ablate-skips --tracking-uri $(TRACKING_URI); \
 	done
-	$(BIN)/segment evaluate --model models:/hippocampus_3d_noskip/latest --data $(DATA_ROOT)/Task04_Hippocampus \
-		--split val --tracking-uri $(TRACKING_URI)
+	set -e; for model in hippocampus_3d_noskip $(addprefix hippocampus_3d_skips,$(LEVEL_OFF_SKIPS)); do \
+		$(BIN)/segment evaluate --model models:/$$model/latest --data $(DATA_ROOT)/Task04_Hippocampus \
+			--split val --tracking-uri $(TRACKING_URI); \
+	done
 	set -e; for model in isbi2012_2d isbi2012_2d_no_skip_dropout; do \
 		$(BIN)/segment evaluate --model models:/$$model/latest --data data/Task90_ISBI2012 \
 			--split val --ablate-skips --tracking-uri $(TRACKING_URI); \
 	done
 	$(BIN)/segment report --tracking-uri $(TRACKING_URI) --output benchmarks/study.md
 
+# One table, and benchmarks/results.json (commit it after a real run on an idle machine).
 bench: $(INSTALLED)
-	$(BIN)/python benchmarks/model_step.py
-	$(BIN)/python benchmarks/inference.py
-	$(BIN)/python benchmarks/viewer.py
+	$(BIN)/python benchmarks/run.py --data-root $(DATA_ROOT)
 
 lock: $(INSTALLED)
 	head -3 requirements.lock > requirements.lock.new

@@ -44,16 +44,25 @@ st.set_page_config(page_title="segment viewer", layout="wide")
 
 
 @st.cache_data(ttl=30, show_spinner=False)
+def registered_models() -> list[dict]:
+    """MLflow's registered models (re-read every 30 s), or none when the store is unusable."""
+    try:
+        tracking.use_store()
+        return tracking.registered_models()
+    except Exception as error:  # an unreachable or broken store must not take the viewer down
+        st.sidebar.caption(f"MLflow models unavailable: {error.__class__.__name__}")
+        return []
+
+
+def entry_title(entry: dict) -> str:
+    dice = "" if entry["val_mean_dice"] is None else f", val Dice {entry['val_mean_dice']:.3f}"
+    return f"{entry['name']} v{entry['version']} ({entry['task']}{dice})"
+
+
 def model_choices() -> dict[str, str]:
     """Display name -> model spec: bundled models first, then MLflow's registered models."""
     choices = {f"{name} (bundled)": name for name in bundled_models()}
-    try:
-        tracking.use_store()
-        for entry in tracking.registered_models():
-            dice = "" if entry["val_mean_dice"] is None else f", val Dice {entry['val_mean_dice']:.3f}"
-            choices[f"{entry['name']} v{entry['version']} ({entry['task']}{dice})"] = entry["uri"]
-    except Exception as error:  # an unreachable or broken store must not take the viewer down
-        st.sidebar.caption(f"MLflow models unavailable: {error.__class__.__name__}")
+    choices |= {entry_title(entry): entry["uri"] for entry in registered_models()}
     return choices
 
 
@@ -81,7 +90,11 @@ def read_upload(upload, what: str):
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / f"{what}{suffix}"
             path.write_bytes(data)
-            parsed[what] = (digest, read_scan(path))
+            try:
+                parsed[what] = (digest, read_scan(path))
+            except ScanError as error:
+                # The message should name the file the user chose, not our temporary copy.
+                raise ScanError(str(error).replace(path.name, upload.name)) from None
     return parsed[what][1], digest
 
 
@@ -166,7 +179,11 @@ if truth_upload is not None:
 key = (digest, choices[choice])
 if st.session_state.get("explorer_key") != key:
     with st.spinner("Segmenting..."):
-        st.session_state["explorer"] = SkipExplorer(model, config, scan, runtime)
+        try:
+            st.session_state["explorer"] = SkipExplorer(model, config, scan, runtime)
+        except ScanError as error:  # usable as a file, not for this model (a 2D image for a 3D model)
+            st.error(str(error).replace(scan.path.name, upload.name))
+            st.stop()
         st.session_state["explorer"].mask()
         # Display orientation and the auto window depend on the scan only: not per rerun.
         st.session_state["display"] = DisplayVolume.from_array(scan.array, scan.affine)
@@ -198,6 +215,29 @@ with st.spinner("Decoding..."):
     reference = explorer.mask(default_skips)
     mask = explorer.mask(skips)
 change = explorer.compare(mask, reference)
+
+# The fair comparison for a switched-off skip: a model that never had it, when MLflow has one.
+peer_mask, peer_title = None, None
+if skips != tuple(default_skips):
+    peers = tracking.trained_without(
+        registered_models(), config.data.task, config.model.spatial_dims, tuple(int(s) for s in skips)
+    )
+    if not peers:
+        st.sidebar.caption(
+            "No registered model was trained without these skips; train one with "
+            f"`--set model.skips=[{','.join(str(int(s)) for s in skips)}] model.skip_dropout=0`."
+        )
+    elif st.sidebar.checkbox(f"Side by side: {entry_title(peers[0])}, trained without them", key="side_by_side"):
+        peer_spec, peer_title = peers[0]["uri"], entry_title(peers[0])
+        try:
+            peer_model, peer_config, peer_runtime = loaded_model(peer_spec)
+            peer_explorers = st.session_state.setdefault("peer_explorers", {})
+            if (digest, peer_spec) not in peer_explorers:
+                with st.spinner(f"Segmenting with {peers[0]['name']}..."):
+                    peer_explorers[(digest, peer_spec)] = SkipExplorer(peer_model, peer_config, scan, peer_runtime)
+            peer_mask = peer_explorers[(digest, peer_spec)].mask()
+        except ModelLoadError as error:
+            st.error(str(error))
 
 volume = display.data
 views = {
@@ -243,6 +283,12 @@ def render(plane: str, labels: np.ndarray | None, lost=None, gained=None) -> Ima
 for column, plane in zip(st.columns(3), PLANES, strict=True):
     column.image(render(plane, views["mask"]), caption=plane, width="stretch")
 
+if peer_mask is not None:
+    st.markdown(f"**Trained without these skips**: {peer_title}")
+    peer_view = display.same_view(peer_mask)
+    for column, plane in zip(st.columns(3), PLANES, strict=True):
+        column.image(render(plane, peer_view), caption=f"{plane}: trained without", width="stretch")
+
 if any(s != d for s, d in zip(skips, default_skips, strict=True)):
     st.markdown(
         "**Lost detail**: <span style='color:rgb(230,25,75)'>&#9632;</span> labelled with every skip on, not now; "
@@ -270,6 +316,16 @@ for value, name in sorted(label_names.items()):
         }
     )
 table = pd.DataFrame(rows)
+if peer_mask is not None:
+    peer_change = explorer.compare(peer_mask, mask)
+    table["volume, trained without (mL)"] = [
+        round(float((peer_mask == value).sum()) * voxel_ml, 4)
+        for value, name in sorted(label_names.items())
+        if value > 0
+    ]
+    table["Dice, switched off vs trained without"] = [
+        round(peer_change.dice_to_reference[name], 4) for name in table["label"]
+    ]
 st.markdown(
     "**Against all skips on**: "
     + ", ".join(
@@ -286,6 +342,12 @@ if truth is not None:
         table[f"{metric} vs truth (all on)"] = [
             round(getattr(full, metric)[name], 4) for name in table["label"]
         ]
+    if peer_mask is not None:
+        trained = explorer.score(peer_mask, truth)
+        for metric in ("dice", "hd95", "nsd"):
+            table[f"{metric} vs truth (trained without)"] = [
+                round(getattr(trained, metric)[name], 4) for name in table["label"]
+            ]
 st.dataframe(table, hide_index=True)
 
 left, right = st.columns(2)

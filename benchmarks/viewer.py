@@ -1,39 +1,36 @@
 """Viewer latency on this machine, server side (Streamlit's AppTest runs the page script as a
 browser session would): upload to first overlay, and skip switch to new overlay.
 
-    make bench            # or: python benchmarks/viewer.py --repeats 5
+    make bench            # all sections; or alone: python benchmarks/viewer.py [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+from common import ROOT, Row, finish, section_parser
 from streamlit.testing.v1 import AppTest
 
 from segment.data.tasks import resolve_data_root
 
-VIEWER = Path(__file__).resolve().parents[1] / "app" / "viewer.py"
+VIEWER = ROOT / "app" / "viewer.py"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--data-root", default=None)
-    args = parser.parse_args()
-    images = sorted((resolve_data_root(args.data_root) / "Task04_Hippocampus" / "imagesTr").glob("*.nii.gz"))
-    if len(images) < args.repeats + 1:
+def measure(repeats: int, data_root: str | None) -> dict:
+    images = sorted((resolve_data_root(data_root) / "Task04_Hippocampus" / "imagesTr").glob("*.nii.gz"))
+    if len(images) < repeats + 1:
         raise SystemExit("Task04_Hippocampus is not under the data root; set SEGMENT_DATA_ROOT.")
     with tempfile.TemporaryDirectory() as store:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(store) / 'mlflow.db'}"
         app = AppTest.from_file(str(VIEWER), default_timeout=300).run()
         uploads, switches = [], []
         # The first upload also loads the model and warms the kernels: not counted.
-        for index, image in enumerate(images[: args.repeats + 1]):
+        for index, image in enumerate(images[: repeats + 1]):
             start = time.perf_counter()
             app = (
                 app.file_uploader(key="scan")
@@ -49,9 +46,31 @@ def main() -> None:
             if index:
                 uploads.append(uploaded - start)
                 switches.append(switched - uploaded)
-    print(f"viewer on {args.repeats} hippocampus volumes (median, server side)")
-    print(f"upload_to_overlay_seconds: {statistics.median(uploads):.3f}")
-    print(f"skip_switch_to_overlay_seconds: {statistics.median(switches):.3f}")
+    return {
+        "volumes": repeats,
+        "torch_threads": torch.get_num_threads(),
+        "upload_to_overlay_seconds": round(statistics.median(uploads), 3),
+        "skip_switch_to_overlay_seconds": round(statistics.median(switches), 3),
+    }
+
+
+def rows(result: dict) -> list[Row]:
+    where = f"server side, median of {result['volumes']} hippocampus volumes"
+    return [
+        (f"viewer: upload to first overlay ({where})", f"{result['upload_to_overlay_seconds']:.3f} s"),
+        (
+            "viewer: skip switch to new overlay (server side)",
+            f"{result['skip_switch_to_overlay_seconds']:.3f} s",
+        ),
+    ]
+
+
+def main() -> None:
+    parser = section_parser(__doc__)
+    parser.add_argument("--repeats", type=int, help="timed uploads after one warm-up (default 5; quick 1)")
+    parser.add_argument("--data-root", default=None)
+    args = parser.parse_args()
+    finish(args, measure(args.repeats or (1 if args.quick else 5), args.data_root), rows)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,21 @@ def write_atomically(path: Path, write) -> None:
     os.close(handle)
     try:
         write(Path(temporary))
+        # On disk before the rename, so that even a power cut leaves the old file or the new one.
+        with open(temporary, "rb+") as written:
+            os.fsync(written.fileno())
         # mkstemp creates owner-only files; give the result the permissions a plain open() would.
         os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def discard_unfinished(path: Path) -> None:
+    """Delete the temporary files a killed :func:`write_atomically` of ``path`` left behind."""
+    for leftover in path.parent.glob(f".{path.name}.*"):
+        leftover.unlink(missing_ok=True)
 
 
 def _umask() -> int:

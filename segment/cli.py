@@ -21,8 +21,22 @@ ConfigOption = Annotated[
 ]
 SetOption = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a config value, e.g. --set trainer.max_epochs=2 (repeatable)."),
+    typer.Option(
+        "--set",
+        help="Override config values, e.g. --set trainer.max_epochs=2 model.skip_dropout=0.3 (repeatable).",
+    ),
 ]
+# Lets one --set take several KEY=VALUE words, as in the help above: click gives an option one
+# value, so the words after the first arrive as extra arguments.
+TAKES_OVERRIDE_WORDS = {"allow_extra_args": True}
+
+
+def _overrides(given: list[str] | None, context: typer.Context) -> list[str]:
+    """The --set values plus the KEY=VALUE words that followed them; anything else is a mistake."""
+    stray = [word for word in context.args if "=" not in word]
+    if stray:
+        fail(f"Unexpected argument {stray[0]!r}: overrides look like --set section.key=value.")
+    return [*(given or []), *context.args]
 
 
 def _print_version(value: bool) -> None:
@@ -48,13 +62,22 @@ def fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-@app.command()
-def describe(config: ConfigOption, overrides: SetOption = None) -> None:
+def require_writable(folder: Path, what: str) -> None:
+    """Refuse a read-only destination before any work is done, not after the work is lost."""
+    from segment.atomic import read_only_ancestor
+
+    if (locked := read_only_ancestor(folder.resolve())) is not None:
+        fail(f"Cannot write {what} under {folder}: {locked} is read-only.")
+
+
+@app.command(context_settings=TAKES_OVERRIDE_WORDS)
+def describe(context: typer.Context, config: ConfigOption, overrides: SetOption = None) -> None:
     """Print the model a config builds: levels, channels, long skips and parameter count."""
     from segment.models import build_model
 
+    overrides = _overrides(overrides, context)
     try:
-        experiment = load_config(config, overrides or [])
+        experiment = load_config(config, overrides)
     except ConfigError as error:
         fail(str(error))
     model = build_model(experiment.model)
@@ -67,8 +90,9 @@ def describe(config: ConfigOption, overrides: SetOption = None) -> None:
     typer.echo(f"  parameters: {sum(p.numel() for p in model.parameters()):,}")
 
 
-@app.command()
+@app.command(context_settings=TAKES_OVERRIDE_WORDS)
 def train(
+    context: typer.Context,
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="Experiment YAML, e.g. configs/hippocampus_3d.yaml.")
     ] = None,
@@ -98,16 +122,18 @@ def train(
     from segment.engine.train import train as run_training
     from segment.tracking import TrackingError
 
+    overrides = _overrides(overrides, context)
     if (config is None) == (resume is None):
         fail("Give either --config to start a run or --resume RUN_ID to continue one.")
+    require_writable(output_dir, "checkpoints")
     try:
-        experiment = load_config(config, overrides or []) if config is not None else None
+        experiment = load_config(config, overrides) if config is not None else None
         result = run_training(
             experiment,
             data_root=data_root,
             tracking_uri=tracking_uri,
             resume=resume,
-            overrides_on_resume=overrides or [] if resume else None,
+            overrides_on_resume=overrides if resume else None,
             output_root=output_dir,
             device=device,
             progress=not quiet,
@@ -229,6 +255,7 @@ def predict(
         if not scan_suffix(output):
             fail(f"{output.name}: the mask needs a scan suffix (.nii.gz, .nii, .nrrd, .mha).")
         targets = [(input, output)]
+    require_writable(targets[0][1].parent, "masks")
     network, config = _load(model, tracking_uri)
     try:
         runtime = make_runtime(device, config.trainer.amp, config.trainer.channels_last)
@@ -244,6 +271,8 @@ def predict(
             scan = read_scan(source)
             mask = segment_scan(network, config, scan, runtime, skip_mask, progress=len(targets) == 1)
             write_mask(mask, scan, target, label_names)
+        except OSError as error:
+            fail(f"Cannot write {target}: {error.strerror or error}.")
         except ScanError as error:
             if len(targets) == 1:
                 fail(str(error))
@@ -292,8 +321,10 @@ def evaluate(
 
     if split not in ("all", "val"):
         fail(f"--split {split!r}: use all or val.")
-    if json_path is not None and not json_path.parent.is_dir():
-        fail(f"Cannot write {json_path}: the folder {json_path.parent} does not exist.")
+    if json_path is not None:
+        if not json_path.parent.is_dir():
+            fail(f"Cannot write {json_path}: the folder {json_path.parent} does not exist.")
+        require_writable(json_path.parent, "the JSON report")
     network, config = _load(model, tracking_uri)
     # The model's own data settings, so that --split val is exactly the split it trained on.
     data_config = config.data.model_copy(update={"task": data.name})

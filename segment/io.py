@@ -8,7 +8,10 @@ the orientation: RAS, LPS or oblique.
 
 from __future__ import annotations
 
+import gzip
 import json
+import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +44,7 @@ class Scan:
     nifti_header: nib.Nifti1Header | None = None  # carried over to the mask
     itk_reference: sitk.Image | None = None  # geometry source for NRRD/MHA masks
     warnings: list[str] = field(default_factory=list)  # odd but usable input, for the user
+    spatial_dims: int = 3  # 2 when the file holds one 2D image (held here as a single slice)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -59,42 +63,111 @@ def scan_stem(path: str | Path) -> str:
     return name[: len(name) - len(scan_suffix(name))] if scan_suffix(name) else Path(name).stem
 
 
-def _as_volume(array: np.ndarray, path: Path) -> np.ndarray:
-    """Accept (X, Y, Z), (X, Y) as one slice, and trailing singleton axes; refuse the rest."""
-    while array.ndim > 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim == 2:
-        array = array[..., None]
-    if array.ndim != 3:
-        raise ScanError(
-            f"{path.name} has {array.ndim} dimensions {array.shape}; give one 3D volume (or a 2D slice)."
-        )
-    return array
+def _volume_shape(shape: tuple[int, ...], path: Path) -> tuple[tuple[int, int, int], int]:
+    """The (X, Y, Z) shape a file's declared ``shape`` is read as, and its spatial dimensions.
 
-
-def _check_size(shape: tuple[int, ...], path: Path) -> None:
-    voxels = int(np.prod(shape, dtype=np.int64))
+    Accepts (X, Y, Z), (X, Y) as one slice, and trailing singleton axes; refuses the rest from
+    the header alone, before any voxel is read."""
+    shape = tuple(int(size) for size in shape)
+    if not shape or min(shape) < 1:
+        raise ScanError(f"{path.name} declares an empty volume {shape}; its header is damaged.")
+    voxels = int(np.prod(shape, dtype=np.float64))  # float: a damaged header can overflow int64
     if voxels > MAX_VOXELS:
         raise ScanError(
-            f"{path.name} declares {voxels:,} voxels {tuple(shape)}, more than the {MAX_VOXELS:,} allowed."
+            f"{path.name} declares {voxels:,} voxels {shape}, more than the {MAX_VOXELS:,} allowed; "
+            "its header is damaged or the scan must be cropped first."
         )
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) not in (2, 3):
+        raise ScanError(
+            f"{path.name} has {len(shape)} dimensions {shape}; give one 3D volume (or a 2D slice), "
+            "e.g. a single channel or time point of it."
+        )
+    return (*shape, 1) if len(shape) == 2 else shape, len(shape)
+
+
+def _unreadable(path: Path, reason: str) -> ScanError:
+    reason = " ".join(reason.split())  # library messages can span lines; ours is one sentence
+    return ScanError(
+        f"{path.name} is not a readable NIfTI file ({reason[:200]}); "
+        "check that it is a whole .nii or gzipped .nii.gz scan, or export it again."
+    )
+
+
+def _stored_bytes(path: Path, wanted: int) -> int:
+    """How many bytes ``path`` holds, counting to at least ``wanted``: the file size, or for
+    gzip the decompressed length, streamed so that reading costs one chunk of memory.
+
+    A gzip stream is read to its end where it is not longer than ``wanted``: only there does
+    gzip check its CRC, and a stream damaged in the middle can inflate to plausible garbage."""
+    if not path.name.lower().endswith(".gz"):
+        return path.stat().st_size
+    total = 0
+    with gzip.open(path) as stream:
+        while total <= wanted and (chunk := stream.read(1 << 24)):
+            total += len(chunk)
+    return total
+
+
+class _HeaderProblems(logging.Filter):
+    """Collects what nibabel logs while it reads one file (header fields it found odd or
+    repaired, e.g. a zero voxel size set to 1 mm) instead of printing it: those become the
+    scan's warnings. Only the reading thread's records are taken: viewer sessions stay apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.thread != self.thread:
+            return True
+        self.messages.append(record.getMessage())
+        return False
 
 
 def _read_nifti(path: Path) -> Scan:
+    problems = _HeaderProblems()
+    nib.imageglobals.logger.addFilter(problems)
     try:
         image = nib.load(path)
-        _check_size(image.shape, path)
-        array = np.asarray(image.dataobj, dtype=np.float32)
+        if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+            raise ScanError(f"{path.name} is a {type(image).__name__}, not a NIfTI image; give a NIfTI scan.")
+        shape, dims = _volume_shape(image.shape, path)
+        dtype = image.get_data_dtype()
+        if dtype.fields is not None or dtype.kind == "c":
+            raise ScanError(
+                f"{path.name} holds colour or complex voxels ({dtype}); give a single-channel greyscale scan."
+            )
+        # Before anything is allocated: a header may declare more data than the file holds, and
+        # nibabel would first allocate all of it, then find the file short.
+        declared = image.dataobj.offset + int(np.prod(image.shape)) * dtype.itemsize
+        stored = _stored_bytes(path, declared)
+        if stored < declared:
+            raise _unreadable(
+                path, f"its header declares {declared:,} bytes but the file holds only {stored:,}"
+            )
+        # Overflow to infinity (float64 or scaled data beyond float32) is counted and reported
+        # with the NaN voxels by read_scan, not printed by numpy.
+        with np.errstate(all="ignore"):
+            array = np.asarray(image.dataobj, dtype=np.float32).reshape(shape)
     except ScanError:
         raise
-    except Exception as error:  # nibabel raises many kinds for broken files
-        raise ScanError(
-            f"{path.name} is not a readable NIfTI file ({error.__class__.__name__}: {error})."
-        ) from None
-    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
-        raise ScanError(f"{path.name} is not a NIfTI image.")
+    except Exception as error:  # nibabel, gzip and numpy raise many kinds for broken files
+        raise _unreadable(path, f"{error.__class__.__name__}: {error}") from None
+    finally:
+        nib.imageglobals.logger.removeFilter(problems)
+    warnings = [
+        f"{path.name}: nibabel found a problem in its header: {message}." for message in problems.messages
+    ]
     return Scan(
-        _as_volume(array, path), image.affine.astype(np.float64), path, nifti_header=image.header.copy()
+        array,
+        image.affine.astype(np.float64),
+        path,
+        nifti_header=image.header.copy(),
+        warnings=warnings,
+        spatial_dims=dims,
     )
 
 
@@ -103,7 +176,7 @@ def _read_itk(path: Path) -> Scan:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
-        _check_size(reader.GetSize(), path)
+        shape, dims = _volume_shape(reader.GetSize(), path)
         image = reader.Execute()
     except ScanError:
         raise
@@ -112,16 +185,33 @@ def _read_itk(path: Path) -> Scan:
             f"{path.name} is not a readable {scan_suffix(path)} file ({str(error).strip().splitlines()[-1]})."
         ) from None
     if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() not in (2, 3):
-        raise ScanError(f"{path.name} is not a single-channel 2D or 3D image.")
+        raise ScanError(f"{path.name} is not a single-channel 2D or 3D image; give a greyscale scan.")
     if image.GetDimension() == 2:
         image = sitk.JoinSeries(image)
     # SimpleITK's array is (Z, Y, X); ours is (X, Y, Z) as nibabel reads it.
-    array = sitk.GetArrayFromImage(image).astype(np.float32).transpose(2, 1, 0)
+    array = sitk.GetArrayFromImage(image).astype(np.float32).transpose(2, 1, 0).reshape(shape)
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     lps = np.eye(4)
     lps[:3, :3] = direction @ np.diag(image.GetSpacing())
     lps[:3, 3] = image.GetOrigin()
-    return Scan(_as_volume(array, path), LPS_TO_RAS @ lps, path, itk_reference=image)
+    return Scan(array, LPS_TO_RAS @ lps, path, itk_reference=image, spatial_dims=dims)
+
+
+def _check_geometry(scan: Scan) -> None:
+    """Refuse a NaN, infinite or singular voxel -> world affine rather than guess one: a mask
+    written with made-up geometry would sit in the wrong place without anyone noticing. (A zero
+    NIfTI voxel size nibabel itself sets to 1 mm; that repair is passed on as a warning.)"""
+    name = scan.path.name
+    if not np.isfinite(scan.affine).all():
+        raise ScanError(
+            f"{name} has no usable geometry: its voxel-to-world affine holds NaN or infinite values; "
+            "fix the header (NIfTI sform/qform, or origin, spacing and direction) or export it again."
+        )
+    if np.linalg.matrix_rank(scan.affine[:3, :3]) < 3:
+        raise ScanError(
+            f"{name} has no usable geometry: its voxel-to-world affine is singular (a voxel size of 0 "
+            "or two axes along one line); fix the header or export it again."
+        )
 
 
 def read_scan(path: str | Path) -> Scan:
@@ -133,11 +223,12 @@ def read_scan(path: str | Path) -> Scan:
     if not path.is_file():
         raise ScanError(f"{path} does not exist.")
     if path.stat().st_size == 0:
-        raise ScanError(f"{path.name} is empty.")
+        raise ScanError(f"{path.name} is empty; give a scan ({', '.join(SUPPORTED_SUFFIXES)}).")
     scan = _read_nifti(path) if suffix in NIFTI_SUFFIXES else _read_itk(path)
+    _check_geometry(scan)
     non_finite = ~np.isfinite(scan.array)
     if non_finite.all():
-        raise ScanError(f"{path.name} holds no finite intensities.")
+        raise ScanError(f"{path.name} holds no finite intensities; give a scan with image data.")
     if non_finite.any():
         # NaN/Inf appear after resampling; the lowest finite value reads as background.
         scan.array[non_finite] = scan.array[~non_finite].min()

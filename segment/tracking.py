@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -143,6 +144,14 @@ def log_model_and_register(model_dir: Path, config: ExperimentConfig, metrics: d
     return int(version.version)
 
 
+def metric_histories(run_id: str, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
+    """Each metric's (step, value) points as logged, across every session of a resumed run."""
+    client = MlflowClient()
+    return {
+        key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)) for key in keys
+    }
+
+
 def list_runs(experiment: str | None = None) -> list[dict[str, Any]]:
     """Runs of one experiment (task), or of all, newest first, with their key metrics."""
     client = MlflowClient()
@@ -275,6 +284,33 @@ def registered_models() -> list[dict[str, Any]]:
                 if "val_mean_dice" in version.tags
                 else None,
                 "run_id": version.run_id,
+                **_architecture(client, version.run_id),
             }
         )
     return sorted(models, key=lambda m: m["name"])
+
+
+def _architecture(client: MlflowClient, run_id: str | None) -> dict[str, Any]:
+    """What a registered model is, from its run's params: dimensions, depth, and the long skips
+    it was trained with (all on when the config left ``model.skips`` unset)."""
+    params = client.get_run(run_id).data.params if run_id else {}
+    if "model.levels" not in params:
+        return {"spatial_dims": None, "trained_skips": None}
+    skips = ast.literal_eval(params.get("model.skips", "None"))
+    levels = int(params["model.levels"])
+    return {
+        "spatial_dims": int(params["model.spatial_dims"]),
+        "trained_skips": tuple(int(flag) for flag in skips) if skips is not None else (1,) * (levels - 1),
+    }
+
+
+def trained_without(
+    models: list[dict[str, Any]], task: str, spatial_dims: int, skips: tuple[int, ...]
+) -> list[dict[str, Any]]:
+    """Of ``models`` (from :func:`registered_models`), those of the same task and dimensions
+    trained with exactly the long skips ``skips``: the fair comparison for a switched-off skip."""
+    return [
+        model
+        for model in models
+        if model["task"] == task and model["spatial_dims"] == spatial_dims and model["trained_skips"] == tuple(skips)
+    ]

@@ -33,3 +33,17 @@ def test_bad_override_exits_non_zero_with_one_line_and_no_traceback():
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0
     assert "model.encoder" in result.stderr
+
+
+def test_one_set_takes_several_overrides_as_documented():
+    result = run_segment(
+        "describe", "--config", "configs/hippocampus_3d.yaml", "--set", "model.base_channels=4", "model.levels=3"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "channels per level: [4, 8, 16]" in result.stdout
+
+
+def test_a_stray_word_after_set_is_refused_in_one_sentence():
+    result = run_segment("describe", "--config", "configs/hippocampus_3d.yaml", "--set", "model.levels=3", "oops")
+    assert result.returncode == 2
+    assert "'oops'" in result.stderr and "Traceback" not in result.stderr

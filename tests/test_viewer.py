@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import io
+import tempfile
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -111,6 +113,25 @@ def test_the_mask_download_is_a_nifti_with_the_scans_geometry(viewer, case_bytes
         ("notes.txt.gz", b"hello", "is not a NIfTI file"),
         ("broken.nii.gz", b"\x1f\x8b\x08\x00not really gzip", "is not a readable NIfTI file"),
         ("empty.nii", b"", "is empty"),
+        ("empty.nii.gz", b"", "is empty"),
+        ("picture.nii.gz", b"\x89PNG\r\n\x1a\n" + bytes(8), "is not a readable NIfTI file"),
+        (
+            "volumes.nii",
+            nib.Nifti1Image(np.ones((8, 8, 8, 3), np.float32), np.eye(4)).to_bytes(),
+            "4 dimensions",
+        ),
+        # A header declaring 60000^3 float32 voxels (864 TB), made without allocating them.
+        (
+            "bomb.nii",
+            nib.Nifti2Image(np.broadcast_to(np.float32(0), (60000,) * 3), np.eye(4)).header.binaryblock
+            + bytes(4),
+            "more than the 536,870,912 allowed",
+        ),
+        (
+            "slice.nii",
+            nib.Nifti1Image(np.arange(64, dtype=np.float32).reshape(8, 8), np.eye(4)).to_bytes(),
+            "slice.nii is a 2D image but hippocampus_3d is a 3D model",
+        ),
     ],
 )
 def test_unusable_uploads_give_an_error_and_the_app_keeps_working(viewer, case_bytes, name, data, expected):
@@ -128,3 +149,18 @@ def test_a_ground_truth_of_another_scan_is_refused(viewer, case_bytes, hippocamp
     app = upload(app, "truth", "other.nii.gz", other)
     assert any("differs from the scan's" in error.value for error in app.error)
     assert "dice vs truth (now)" not in metrics(app).columns
+
+
+def test_an_upload_named_like_a_path_is_segmented_and_its_name_never_used_as_one(
+    viewer, case_bytes, tmp_path
+):
+    name = "../../evil dir/x;rm -rf.nii.gz"
+    app = upload(viewer, "scan", name, case_bytes[0])
+    assert not app.exception and not app.error
+    assert list(metrics(app)["label"]) == ["Anterior", "Posterior"]
+    # Used as a path, the name would land two folders above the viewer's working folder
+    # (tmp_path), the app's folder, or a temporary folder.
+    for base in (tmp_path, ROOT / "app", ROOT, Path(tempfile.gettempdir()) / "upload"):
+        assert not (base / "../../evil dir").exists()
+    for folder in (tmp_path, tmp_path.parent, ROOT, ROOT / "app", Path(tempfile.gettempdir())):
+        assert not [path for path in folder.iterdir() if "evil" in path.name or "rm -rf" in path.name]

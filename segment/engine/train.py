@@ -263,7 +263,6 @@ class _Loop:
         self.loader, self.val_data = loader, val_data
         self.model, self.network, self.optimiser, self.scaler = model, network, optimiser, scaler
         self.loss_function, self.state, self.run_dir, self.progress = loss_function, state, run_dir, progress
-        self.history: dict[str, list[tuple[int, float]]] = {}
         self.last_dice = float("nan")
 
     @property
@@ -306,12 +305,13 @@ class _Loop:
             self.state.epochs_done = epoch + 1
             self.state.elapsed_seconds = time.perf_counter() - session_start
             if self.distributed.is_main:
+                # Checkpoint before logging: a run killed in between resumes after this epoch,
+                # so no epoch is ever logged twice.
+                save_checkpoint(self.run_dir, self.state, self.model, self.optimiser, self.scaler)
                 metrics |= {"epoch": epoch + 1, "train_minutes": self.state.elapsed_seconds / 60}
                 if self.state.best_mean_dice >= 0:  # -1 until the first validation
                     metrics["best_val_mean_dice"] = self.state.best_mean_dice
                 mlflow.log_metrics(metrics, step=epoch + 1)
-                self.history.setdefault("train_loss", []).append((epoch + 1, metrics["train_loss"]))
-                save_checkpoint(self.run_dir, self.state, self.model, self.optimiser, self.scaler)
             if out_of_time:
                 return f"time budget of {trainer.max_minutes} min reached"
         return f"{trainer.max_epochs} epochs done"
@@ -363,9 +363,6 @@ class _Loop:
         scores = dice_per_class(self.model, self.val_data, self.runtime, self.config, self.split.label_names)
         mean = mean_dice(scores)
         self.last_dice = mean
-        for name, value in scores.items():
-            self.history.setdefault(f"val_dice_{name}", []).append((epoch, value))
-        self.history.setdefault("val_mean_dice", []).append((epoch, mean))
         if mean > self.state.best_mean_dice:
             self.state.best_mean_dice, self.state.best_epoch, self.state.best_dice = mean, epoch, scores
             if self.distributed.is_main:
@@ -374,7 +371,9 @@ class _Loop:
 
     def finish(self) -> int | None:
         """Figures and the registered model, once, at the end of a completed run."""
-        mlflow.log_figure(plots.learning_curves(self.history), "learning_curves.png")
+        keys = ["train_loss", "val_mean_dice", *(f"val_dice_{name}" for name in self.state.best_dice)]
+        history = tracking.metric_histories(self.state.run_id, keys)
+        mlflow.log_figure(plots.learning_curves(history), "learning_curves.png")
         best_dir = self.run_dir / BEST_MODEL_DIR
         if not best_dir.is_dir():
             return None

@@ -44,12 +44,16 @@ def resolve_model(spec: str, tracking_uri: str | None = None) -> Path:
 
 
 def _download_mlflow_model(uri: str, tracking_uri: str | None) -> Path:
+    import os
+
     import mlflow
     from mlflow.exceptions import MlflowException
 
     from segment.tracking import use_store
 
     store = use_store(tracking_uri)
+    # A model is a few MB: MLflow's progress bar would only clutter the command's output.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return Path(mlflow.artifacts.download_artifacts(uri))
     except (MlflowException, OSError) as error:

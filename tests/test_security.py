@@ -1,0 +1,123 @@
+"""Security: files from elsewhere never run code, servers stay local, uploads are capped."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from conftest import ROOT
+
+from segment.engine.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
+from segment.models import ModelLoadError, load_model
+from segment.models.serialization import CONFIG_FILE, WEIGHTS_FILE
+from segment.models.sources import bundled_models
+
+
+class CodeOnUnpickle:
+    """Unpickling this runs a shell command that creates ``marker``: what a hostile file does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_carries_code_is_refused_and_the_code_never_runs(tmp_path):
+    marker = tmp_path / "code_ran"
+    torch.save({"state": {}, "model": CodeOnUnpickle(marker)}, tmp_path / CHECKPOINT_FILE)
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(tmp_path)
+    assert not marker.exists()
+
+
+def test_a_model_folder_whose_weights_are_a_pickle_is_refused_and_the_code_never_runs(tmp_path):
+    marker = tmp_path / "code_ran"
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / CONFIG_FILE).write_text((bundled_models()["hippocampus_3d"] / CONFIG_FILE).read_text())
+    torch.save(CodeOnUnpickle(marker), folder / WEIGHTS_FILE)
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        load_model(folder)
+    assert not marker.exists()
+
+
+def test_no_source_file_unpickles():
+    """Every load in the code base is safetensors or ``torch.load(weights_only=True)``."""
+    unsafe = re.compile(r"\bpickle\.loads?\(|\bjoblib\.load\(|mlflow\.pytorch\.load_model|torch\.load\((?![^)]*weights_only=True)")
+    offenders = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for folder in ("segment", "app", "data_scripts")
+        for path in (ROOT / folder).rglob("*.py")
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if unsafe.search(line)
+    ]
+    assert offenders == []
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def listening_addresses(port: int, timeout: float = 120) -> set[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = {
+            c.laddr.ip for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.laddr.port == port
+        }
+        if found:
+            return found
+        time.sleep(0.3)
+    raise AssertionError(f"nothing listened on port {port} within {timeout} s")
+
+
+def test_the_viewer_server_listens_on_localhost_only(tmp_path):
+    port = free_port()
+    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "segment.cli", "app", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert listening_addresses(port) == {"127.0.0.1"}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_the_mlflow_ui_listens_on_localhost_only(tmp_path):
+    port = free_port()
+    server = subprocess.Popen(
+        ["make", "--no-print-directory", "mlflow-ui", f"MLFLOW_PORT={port}", f"TRACKING_URI=sqlite:///{tmp_path / 'm.db'}"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        assert listening_addresses(port) == {"127.0.0.1"}
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+def test_the_viewer_runs_with_the_upload_cap_from_the_project_config():
+    """`segment app` serves from the project root, so Streamlit reads .streamlit/config.toml there."""
+    shown = subprocess.run(
+        [sys.executable, "-m", "streamlit", "config", "show"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert re.search(r"^maxUploadSize = 512$", shown.stdout, re.MULTILINE), shown.stdout[-2000:]
+    assert re.search(r'^address = "127\.0\.0\.1"$', shown.stdout, re.MULTILINE)
