@@ -44,14 +44,18 @@ st.set_page_config(page_title="segment viewer", layout="wide")
 
 
 @st.cache_data(ttl=30, show_spinner=False)
-def registered_models() -> list[dict]:
+def registered_models_in(store: str) -> list[dict]:
     """MLflow's registered models (re-read every 30 s), or none when the store is unusable."""
     try:
-        tracking.use_store()
+        tracking.use_store(store)
         return tracking.registered_models()
     except Exception as error:  # an unreachable or broken store must not take the viewer down
         st.sidebar.caption(f"MLflow models unavailable: {error.__class__.__name__}")
         return []
+
+
+def registered_models() -> list[dict]:
+    return registered_models_in(tracking.resolve_tracking_uri())
 
 
 def entry_title(entry: dict) -> str:
@@ -67,11 +71,15 @@ def model_choices() -> dict[str, str]:
 
 
 @st.cache_resource(show_spinner=False)
-def loaded_model(spec: str):
-    """One shared, read-only model per spec for every session; skip masks are arguments."""
-    model, config = load_model(resolve_model(spec))
+def loaded_model_from(spec: str, store: str):
+    """One shared, read-only model per spec and store for every session; skip masks are arguments."""
+    model, config = load_model(resolve_model(spec, store))
     runtime = make_runtime("auto", config.trainer.amp, config.trainer.channels_last)
     return runtime.prepare_model(model).eval(), config, runtime
+
+
+def loaded_model(spec: str):
+    return loaded_model_from(spec, tracking.resolve_tracking_uri())
 
 
 def read_upload(upload, what: str):

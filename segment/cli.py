@@ -304,6 +304,13 @@ def evaluate(
     ] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
     max_cases: Annotated[int | None, typer.Option(help="Score only the first N cases.")] = None,
+    nsd_tolerance: Annotated[
+        float,
+        typer.Option(
+            help="NSD tolerance in the scans' spatial unit: mm for clinical scans; "
+            "for the ISBI EM task (micrometres) 0.008 is 2 pixels."
+        ),
+    ] = 1.0,
     device: DeviceOption = "auto",
     tracking_uri: Annotated[
         str | None, typer.Option(help="MLflow store for models:/ and runs:/ URIs.")
@@ -321,6 +328,8 @@ def evaluate(
 
     if split not in ("all", "val"):
         fail(f"--split {split!r}: use all or val.")
+    if not nsd_tolerance > 0:
+        fail(f"--nsd-tolerance {nsd_tolerance}: give a positive distance.")
     if json_path is not None:
         if not json_path.parent.is_dir():
             fail(f"Cannot write {json_path}: the folder {json_path.parent} does not exist.")
@@ -340,11 +349,18 @@ def evaluate(
     )
     try:
         results = evaluate_cases(
-            runtime.prepare_model(network), config, cases, runtime, task.label_names, settings, progress=True
+            runtime.prepare_model(network),
+            config,
+            cases,
+            runtime,
+            task.label_names,
+            settings,
+            progress=True,
+            nsd_tolerance=nsd_tolerance,
         )
     except ScanError as error:
         fail(str(error))
-    report = evaluation_report(model, results, ablate_skips)
+    report = evaluation_report(model, results, ablate_skips, nsd_tolerance)
     _print_report(report)
     if json_path is not None:
         write_atomically(json_path, lambda temporary: temporary.write_text(json.dumps(report, indent=2)))

@@ -40,6 +40,11 @@ class EvaluatedRun:
     def levels(self) -> int:
         return int(self.params.get("model.levels", "0"))
 
+    @property
+    def trained_skips(self) -> tuple[int, ...]:
+        """The long skips the model had in training: all of them unless ``model.skips`` says."""
+        return self.skips if self.skips is not None else (1,) * (self.levels - 1)
+
 
 def evaluated_runs(client: MlflowClient, experiment: str | None = None) -> list[EvaluatedRun]:
     """The newest finished run of each config name that has a logged validation evaluation."""
@@ -89,7 +94,7 @@ def _ablation_table(base: EvaluatedRun, trained_without: dict[tuple[int, ...], E
         "",
         "| long skips | switched off at inference: mean Dice | change | "
         + " | ".join(f"NSD {label}" for label in labels)
-        + " | trained without them: mean Dice |",
+        + " | trained that way, no skip dropout: mean Dice |",
         "| --- " * (4 + len(labels)) + "|",
     ]
     rows = base.report["ablation"]
@@ -146,10 +151,15 @@ def study_markdown(runs: list[EvaluatedRun]) -> str:
     if ablated:
         lines += ["## Switched off at inference vs trained without", ""]
     for base in ablated:
+        # The reference for each setting: a model that had exactly those skips in training and
+        # never saw one dropped (all on included: the same network without skip dropout).
         trained_without = {
-            run.skips: run
+            run.trained_skips: run
             for run in runs
-            if run.task == base.task and run.skips is not None and run.levels == base.levels
+            if run.task == base.task
+            and run.levels == base.levels
+            and all(run.params.get(key) == base.params.get(key) for key in ("model.spatial_dims", "model.encoder"))
+            and run.skip_dropout == 0
         }
         lines += [*_ablation_table(base, trained_without), ""]
     return "\n".join(lines)

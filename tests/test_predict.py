@@ -13,6 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 from segment.engine.device import make_runtime
+from segment.engine.evaluate import score_case
 from segment.engine.predict import segment_scan
 from segment.io import read_scan
 from segment.models import load_model
@@ -116,7 +117,8 @@ def test_nrrd_and_mha_scans_get_masks_with_their_own_geometry(tmp_path, case_pat
     np.testing.assert_allclose(mask.GetDirection(), itk_image.GetDirection(), atol=1e-6)
     network, config = model
     expected = segment_scan(network, config, read_scan(image_path), make_runtime("cpu"))
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(mask).transpose(2, 1, 0), expected)
+    # bf16 arithmetic can tip a voxel whose two top classes tie; anything more is a geometry error.
+    assert (sitk.GetArrayFromImage(mask).transpose(2, 1, 0) == expected).mean() > 0.999
 
 
 def test_switching_skips_off_changes_the_mask(tmp_path, case_paths, model):
@@ -215,3 +217,15 @@ def test_evaluate_writes_the_documented_json_with_every_skip_level_ablated(tmp_p
     assert settings == [[1, 1, 1, 1], [0, 1, 1, 1], [1, 0, 1, 1], [1, 1, 0, 1], [1, 1, 1, 0], [0, 0, 0, 0]]
     assert report["ablation"][0]["mean_dice"] == pytest.approx(report["mean_dice"])
     assert report["ablation"][-1]["mean_dice"] < report["mean_dice"]
+    assert report["nsd_tolerance"] == 1.0
+
+
+def test_nsd_counts_boundary_voxels_within_the_tolerance_in_the_scans_unit(hippocampus_root):
+    label = read_scan(hippocampus_root / "Task04_Hippocampus" / "labelsTr" / f"{CASE}.nii.gz")
+    truth = label.array.round().astype(np.int64)
+    shifted = np.roll(truth, 1, axis=0)  # every boundary one voxel (1 mm) out
+    names = {0: "background", 1: "Anterior", 2: "Posterior"}
+    within = score_case(CASE, shifted, truth, label.spacing, names, nsd_tolerance=1.0)
+    tighter = score_case(CASE, shifted, truth, label.spacing, names, nsd_tolerance=0.5)
+    assert all(within.nsd[name] > 0.9 for name in ("Anterior", "Posterior"))
+    assert all(tighter.nsd[name] < within.nsd[name] - 0.2 for name in ("Anterior", "Posterior"))

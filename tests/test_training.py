@@ -53,7 +53,7 @@ def test_a_short_run_is_fully_tracked_and_its_model_registered(tmp_path, hippoca
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == "Task04_Hippocampus"
     assert run.data.params["model.levels"] == "3"
-    assert run.data.params["model.skip_dropout"] == "0.3"
+    assert run.data.params["model.skip_dropout"] == "0.1"
     assert run.data.params["trainer.max_epochs"] == "2"
     assert run.data.tags["git_commit"]
     assert run.data.tags["device"].startswith("cpu")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -11,7 +14,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT
+from conftest import ROOT, tiny_hippocampus_overrides
+from PIL import Image
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
@@ -86,8 +90,6 @@ def test_upload_shows_the_mask_and_switching_a_skip_changes_picture_and_numbers(
     after = [image.value[0] for image in app.image]
     assert len(after) == 6, "the lost-detail row appears once a skip is off"
     assert after[:3] != before, "the mask pictures change"
-    from PIL import Image
-
     lost_picture = np.asarray(Image.open(io.BytesIO(served(media, after[3]))))
     assert (lost_picture[..., 0].astype(int) - lost_picture[..., 2] > 100).any(), (
         "lost voxels are drawn in red"
@@ -164,3 +166,55 @@ def test_an_upload_named_like_a_path_is_segmented_and_its_name_never_used_as_one
         assert not (base / "../../evil dir").exists()
     for folder in (tmp_path, tmp_path.parent, ROOT, ROOT / "app", Path(tempfile.gettempdir())):
         assert not [path for path in folder.iterdir() if "evil" in path.name or "rm -rf" in path.name]
+
+
+@pytest.fixture
+def store_with_a_model_trained_without_level_2(tmp_path, hippocampus_root) -> str:
+    """An MLflow store holding a small real model trained with long skip 2 removed."""
+    uri = f"sqlite:///{tmp_path / 'trained.db'}"
+    overrides = [
+        *tiny_hippocampus_overrides(),
+        "model.levels=5",
+        "model.base_channels=2",
+        "model.skips=[1,0,1,1]",
+        "model.skip_dropout=0",
+        "name=hippocampus_3d_skips1011",
+    ]
+    trained = subprocess.run(
+        [sys.executable, "-m", "segment.cli", "train", "--config", str(ROOT / "configs/hippocampus_3d.yaml"),
+         "--quiet", *[arg for override in overrides for arg in ("--set", override)]],
+        cwd=tmp_path,
+        env=os.environ | {"SEGMENT_DATA_ROOT": str(hippocampus_root), "MLFLOW_TRACKING_URI": uri},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    return uri
+
+
+def test_a_switched_off_skip_can_be_set_beside_a_model_trained_without_it(
+    tmp_path, monkeypatch, case_bytes, store_with_a_model_trained_without_level_2
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_with_a_model_trained_without_level_2)
+    monkeypatch.chdir(tmp_path)
+    app = upload(AppTest.from_file(VIEWER, default_timeout=180).run(), "scan", "case.nii.gz", case_bytes[0])
+    assert app.selectbox(key="model").value == "hippocampus_3d (bundled)"
+    assert not [box for box in app.checkbox if box.key == "side_by_side"], "no peer while all skips are on"
+
+    app = app.toggle(key="skip_0").set_value(False).run()
+    assert not [box for box in app.checkbox if box.key == "side_by_side"], "no model lacks level 1 only"
+    app = app.toggle(key="skip_0").set_value(True).run()
+    app = app.toggle(key="skip_1").set_value(False).run()
+    offer = app.checkbox(key="side_by_side")
+    assert "hippocampus_3d_skips1011" in offer.label
+
+    app = offer.check().run()
+    assert not app.exception and not app.error
+    captions = [image.captions[0] for image in app.image]
+    assert captions[3:6] == ["axial: trained without", "coronal: trained without", "sagittal: trained without"]
+    app = upload(app, "truth", "labels.nii.gz", case_bytes[1])
+    table = metrics(app)
+    assert table["Dice, switched off vs trained without"].between(0, 1).all()
+    assert table["volume, trained without (mL)"].ge(0).all()
+    assert "dice vs truth (trained without)" in table.columns

@@ -20,6 +20,7 @@ from segment.engine.predict import predict_prepared, prepare
 from segment.io import ScanError, read_scan
 from segment.models import UNet
 
+# In the scan's spatial unit, which for clinical scans is the millimetre.
 NSD_TOLERANCE_MM = 1.0
 # MONAI's own surface-distance code passes an argument it has itself deprecated; the warning
 # says nothing a user of this module can act on.
@@ -43,6 +44,7 @@ def score_case(
     truth: np.ndarray,
     spacing: tuple[float, ...],
     label_names: dict[int, str],
+    nsd_tolerance: float = NSD_TOLERANCE_MM,
 ) -> CaseScores:
     """prediction, truth: integer label arrays of one shape; spacing: mm per array axis."""
     if prediction.shape != truth.shape:
@@ -55,7 +57,7 @@ def score_case(
     dice = compute_dice(predicted, expected, include_background=False, ignore_empty=False)[0]
     hd95 = compute_hausdorff_distance(predicted, expected, percentile=95, spacing=list(spacing))[0]
     nsd = compute_surface_dice(
-        predicted, expected, [NSD_TOLERANCE_MM] * (classes - 1), spacing=list(spacing)
+        predicted, expected, [nsd_tolerance] * (classes - 1), spacing=list(spacing)
     )[0]
     voxel_ml = float(np.prod(spacing)) / 1000.0
     scores = CaseScores(case)
@@ -97,6 +99,7 @@ def evaluate_cases(
     label_names: dict[int, str],
     settings: list[tuple[int, ...]],
     progress: bool = False,
+    nsd_tolerance: float = NSD_TOLERANCE_MM,
 ) -> dict[tuple[int, ...], list[CaseScores]]:
     """Score ``model`` on labelled ``cases`` (dicts with image and label paths) under each skip
     setting. Each scan is read and prepared once; only the network re-runs per setting."""
@@ -104,17 +107,25 @@ def evaluate_cases(
     for case in tqdm(cases, desc="cases", disable=not progress):
         scan, label = read_scan(case["image"]), read_scan(case["label"])
         if label.array.shape != scan.array.shape or not np.allclose(label.affine, scan.affine, atol=1e-3):
-            raise ScanError(f"{case_id(case)}: the label's shape or affine differs from the image's.")
+            raise ScanError(
+                f"{case_id(case)}: the label's shape or affine differs from the image's; "
+                f"check that {label.path.name} is the labelling of {scan.path.name}."
+            )
         truth = label.array.round().astype(np.int64)
         prepared = prepare(scan, config)
         for setting in settings:
             prediction = predict_prepared(model, config, prepared, runtime, setting)
-            results[setting].append(score_case(case_id(case), prediction, truth, scan.spacing, label_names))
+            results[setting].append(
+                score_case(case_id(case), prediction, truth, scan.spacing, label_names, nsd_tolerance)
+            )
     return results
 
 
 def evaluation_report(
-    model_name: str, results: dict[tuple[int, ...], list[CaseScores]], ablation: bool
+    model_name: str,
+    results: dict[tuple[int, ...], list[CaseScores]],
+    ablation: bool,
+    nsd_tolerance: float = NSD_TOLERANCE_MM,
 ) -> dict:
     """The documented JSON shape (README, "segment evaluate")."""
     settings = list(results)
@@ -127,6 +138,7 @@ def evaluation_report(
         "dice": dice,
         "hd95": mean_scores(baseline, "hd95"),
         "nsd": mean_scores(baseline, "nsd"),
+        "nsd_tolerance": nsd_tolerance,
         "volume_ml": mean_scores(baseline, "volume_ml"),
         "per_case": [vars(case) for case in baseline],
     }
