@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from segment.tracking import trained_skips
+
 EVALUATION_ARTIFACT = "evaluation/val.json"
 
 
@@ -41,9 +43,8 @@ class EvaluatedRun:
         return int(self.params.get("model.levels", "0"))
 
     @property
-    def trained_skips(self) -> tuple[int, ...]:
-        """The long skips the model had in training: all of them unless ``model.skips`` says."""
-        return self.skips if self.skips is not None else (1,) * (self.levels - 1)
+    def trained_skips(self) -> tuple[int, ...] | None:
+        return trained_skips(self.params)
 
 
 def evaluated_runs(client: MlflowClient, experiment: str | None = None) -> list[EvaluatedRun]:

@@ -290,18 +290,22 @@ def registered_models() -> list[dict[str, Any]]:
     return sorted(models, key=lambda m: m["name"])
 
 
-def _architecture(client: MlflowClient, run_id: str | None) -> dict[str, Any]:
-    """What a registered model is, from its run's params: dimensions, depth, and the long skips
-    it was trained with (all on when the config left ``model.skips`` unset)."""
-    params = client.get_run(run_id).data.params if run_id else {}
+def trained_skips(params: dict[str, str]) -> tuple[int, ...] | None:
+    """The long skips a run's model had in training, from its params: all of them unless
+    ``model.skips`` says otherwise; None for a run that logged no model config."""
     if "model.levels" not in params:
-        return {"spatial_dims": None, "trained_skips": None}
+        return None
     skips = ast.literal_eval(params.get("model.skips", "None"))
-    levels = int(params["model.levels"])
-    return {
-        "spatial_dims": int(params["model.spatial_dims"]),
-        "trained_skips": tuple(int(flag) for flag in skips) if skips is not None else (1,) * (levels - 1),
-    }
+    if skips is None:
+        return (1,) * (int(params["model.levels"]) - 1)
+    return tuple(int(flag) for flag in skips)
+
+
+def _architecture(client: MlflowClient, run_id: str | None) -> dict[str, Any]:
+    """What a registered model is, from its run's params: dimensions and trained long skips."""
+    params = client.get_run(run_id).data.params if run_id else {}
+    dims = params.get("model.spatial_dims")
+    return {"spatial_dims": None if dims is None else int(dims), "trained_skips": trained_skips(params)}
 
 
 def trained_without(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,3 +49,27 @@ def tiny_hippocampus_overrides(cases: int = 8, epochs: int = 1) -> list[str]:
 @pytest.fixture
 def tiny_hippocampus_config() -> ExperimentConfig:
     return load_config(ROOT / "configs" / "hippocampus_3d.yaml", tiny_hippocampus_overrides())
+
+
+def segment_command(*args: str) -> list[str]:
+    """The ``segment`` command run with this interpreter, as a subprocess sees it."""
+    return [sys.executable, "-m", "segment.cli", *args]
+
+
+def set_args(overrides: list[str]) -> list[str]:
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
+def start_tiny_training(folder: Path, env: dict, runs: Path, epochs: int, **output) -> subprocess.Popen:
+    """A real ``segment train`` of the tiny set-up in the background, checkpointing into ``runs``;
+    ``output`` is passed to Popen (where stdout and stderr go)."""
+    command = segment_command(
+        "train",
+        "--config",
+        str(ROOT / "configs" / "hippocampus_3d.yaml"),
+        "--output-dir",
+        str(runs),
+        "--quiet",
+        *set_args(tiny_hippocampus_overrides(epochs=epochs)),
+    )
+    return subprocess.Popen(command, cwd=folder, env=env, **output)

@@ -7,12 +7,11 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, tiny_hippocampus_overrides
+from conftest import ROOT, segment_command, set_args, start_tiny_training, tiny_hippocampus_overrides
 from mlflow import MlflowClient
 
 from segment.engine.checkpoint import CHECKPOINT_FILE, load_checkpoint
@@ -22,7 +21,7 @@ CONFIG = str(ROOT / "configs" / "hippocampus_3d.yaml")
 
 def segment(*args: str, cwd: Path, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "segment.cli", *args],
+        segment_command(*args),
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -39,10 +38,6 @@ def one_sentence_error(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def set_args(overrides: list[str]) -> list[str]:
-    return [arg for override in overrides for arg in ("--set", override)]
-
-
 @pytest.fixture
 def env(tmp_path, hippocampus_root) -> dict:
     return os.environ | {
@@ -56,20 +51,8 @@ def killed_run(tmp_path, env) -> tuple[Path, str, int]:
     """A real training process killed with SIGKILL partway through an epoch after its first
     checkpoint: (runs folder, run id, epochs its checkpoint holds)."""
     runs = tmp_path / "runs"
-    command = [
-        sys.executable,
-        "-m",
-        "segment.cli",
-        "train",
-        "--config",
-        CONFIG,
-        "--output-dir",
-        str(runs),
-        "--quiet",
-        *set_args(tiny_hippocampus_overrides(epochs=500)),
-    ]
-    process = subprocess.Popen(
-        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    process = start_tiny_training(
+        tmp_path, env, runs, epochs=500, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         deadline = time.monotonic() + 240
@@ -89,7 +72,6 @@ def killed_run(tmp_path, env) -> tuple[Path, str, int]:
 def test_a_run_killed_mid_epoch_resumes_from_its_last_checkpoint_in_the_same_run(tmp_path, env, killed_run):
     runs, run_id, epochs_done = killed_run
     assert epochs_done >= 1
-    assert not list((runs / run_id).glob(f".{CHECKPOINT_FILE}.*")), "a temporary file was left behind"
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     assert client.get_run(run_id).info.status == "RUNNING"  # SIGKILL leaves no chance to close it
 
@@ -109,6 +91,7 @@ def test_a_run_killed_mid_epoch_resumes_from_its_last_checkpoint_in_the_same_run
     assert f"Finished run {run_id}" in resumed.stdout
     assert client.get_run(run_id).info.status == "FINISHED"
     assert [path.name for path in runs.iterdir()] == [run_id]
+    assert not list((runs / run_id).glob(f".{CHECKPOINT_FILE}.*")), "a temporary file was left behind"
     steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
     assert len(steps) == len(set(steps)), "an epoch was logged twice"
     assert max(steps) == epochs_done + 2

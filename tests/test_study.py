@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
-from conftest import ROOT, tiny_hippocampus_overrides
+from conftest import ROOT, segment_command, set_args, tiny_hippocampus_overrides
 from mlflow import MlflowClient
 
 
@@ -23,7 +22,7 @@ def study(tmp_path_factory, hippocampus_root):
 
     def segment(*args: str) -> subprocess.CompletedProcess:
         result = subprocess.run(
-            [sys.executable, "-m", "segment.cli", *args],
+            segment_command(*args),
             cwd=folder,
             env=env,
             capture_output=True,
@@ -33,7 +32,7 @@ def study(tmp_path_factory, hippocampus_root):
         assert result.returncode == 0, result.stderr[-2000:]
         return result
 
-    overrides = [arg for o in tiny_hippocampus_overrides(epochs=1) for arg in ("--set", o)]
+    overrides = set_args(tiny_hippocampus_overrides(epochs=1))
     segment("train", "--config", str(ROOT / "configs/hippocampus_3d.yaml"), "--quiet", *overrides)
     segment(
         "train",

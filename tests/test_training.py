@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import ROOT, tiny_hippocampus_overrides
+from conftest import ROOT, segment_command, set_args, start_tiny_training, tiny_hippocampus_overrides
 from mlflow import MlflowClient
 
 from segment.config import load_config
@@ -22,16 +22,8 @@ from segment.models import load_model
 CONFIG = str(ROOT / "configs" / "hippocampus_3d.yaml")
 
 
-def segment_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "segment.cli", *args]
-
-
 def store(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
-
-
-def set_args(overrides: list[str]) -> list[str]:
-    return [arg for override in overrides for arg in ("--set", override)]
 
 
 def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
@@ -102,17 +94,8 @@ def test_the_same_split_and_fingerprint_for_the_same_seed(tmp_path, hippocampus_
 def test_an_interrupted_run_resumes_in_the_same_mlflow_run(tmp_path, hippocampus_root):
     env = os.environ | {"SEGMENT_DATA_ROOT": str(hippocampus_root), "MLFLOW_TRACKING_URI": store(tmp_path)}
     runs = tmp_path / "runs"
-    command = segment_command(
-        "train",
-        "--config",
-        CONFIG,
-        "--output-dir",
-        str(runs),
-        "--quiet",
-        *set_args(tiny_hippocampus_overrides(epochs=200)),
-    )
-    process = subprocess.Popen(
-        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    process = start_tiny_training(
+        tmp_path, env, runs, epochs=200, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     deadline = time.monotonic() + 240
     while not list(runs.glob("*/checkpoint.pt")) and time.monotonic() < deadline and process.poll() is None:

@@ -6,7 +6,6 @@ import gzip
 import io
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, tiny_hippocampus_overrides
+from conftest import ROOT, segment_command, set_args, tiny_hippocampus_overrides
 from PIL import Image
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
@@ -181,8 +180,7 @@ def store_with_a_model_trained_without_level_2(tmp_path, hippocampus_root) -> st
         "name=hippocampus_3d_skips1011",
     ]
     trained = subprocess.run(
-        [sys.executable, "-m", "segment.cli", "train", "--config", str(ROOT / "configs/hippocampus_3d.yaml"),
-         "--quiet", *[arg for override in overrides for arg in ("--set", override)]],
+        segment_command("train", "--config", str(ROOT / "configs/hippocampus_3d.yaml"), "--quiet", *set_args(overrides)),
         cwd=tmp_path,
         env=os.environ | {"SEGMENT_DATA_ROOT": str(hippocampus_root), "MLFLOW_TRACKING_URI": uri},
         capture_output=True,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from segment.atomic import discard_unfinished, write_atomically
+from segment.atomic import write_atomically
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -47,7 +47,6 @@ def save_checkpoint(directory: Path, state: TrainingState, model: torch.nn.Modul
 def load_checkpoint(directory: Path) -> dict:
     """Read a checkpoint with ``weights_only=True``: tensors and plain data, no code."""
     path = directory / CHECKPOINT_FILE
-    discard_unfinished(path)  # a run killed while saving leaves its temporary file
     if not path.is_file():
         raise CheckpointError(
             f"No checkpoint at {path}; a run can only resume from the folder it trained in."

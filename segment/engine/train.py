@@ -22,10 +22,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from segment import plots, tracking
+from segment.atomic import discard_unfinished
 from segment.config import ExperimentConfig, apply_overrides, build_config, config_to_yaml
 from segment.data.loaders import training_loader, validation_dataset
 from segment.data.tasks import TaskSplit, resolve_data_root, split_task
-from segment.engine.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+from segment.engine.checkpoint import CHECKPOINT_FILE, TrainingState, load_checkpoint, save_checkpoint
 from segment.engine.device import Runtime, make_runtime
 from segment.engine.inference import predict_logits
 from segment.engine.validation import dice_per_class, mean_dice
@@ -144,6 +145,8 @@ def train(
         tracking.use_store(tracking_uri)
         checkpoint = None
         if resume is not None:
+            # A run killed while saving left its temporary file; the rename never happened.
+            discard_unfinished(output_root / resume / CHECKPOINT_FILE)
             checkpoint = load_checkpoint(output_root / resume)
             tree = yaml.safe_load(checkpoint["state"].config_yaml)
             config = build_config(apply_overrides(tree, overrides_on_resume or []), source=f"run {resume}")
