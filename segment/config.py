@@ -149,6 +149,10 @@ class TrainerConfig(_Section):
     warmup_epochs: int = Field(2, ge=0)
     schedule: Literal["cosine", "poly"] = "cosine"
     grad_clip: float | None = Field(12.0, gt=0)
+    # Validate and keep an exponential moving average of the weights with this decay per step
+    # (e.g. 0.999): it smooths the noise of the last steps out of the model that is kept.
+    # None validates the weights as trained.
+    ema_decay: float | None = Field(None, gt=0, lt=1)
     val_every: int = Field(1, ge=1)
     # Sliding-window size for validation and prediction; None runs whole volumes.
     roi_size: tuple[int, ...] | None = None

@@ -95,19 +95,18 @@ def _unreadable(path: Path, reason: str) -> ScanError:
     )
 
 
-def _stored_bytes(path: Path, wanted: int) -> int:
-    """How many bytes ``path`` holds, counting to at least ``wanted``: the file size, or for
-    gzip the decompressed length, streamed so that reading costs one chunk of memory.
+def _inflate(path: Path, wanted: int) -> bytes:
+    """The decompressed bytes of gzip file ``path``, up to ``wanted`` of them, read in chunks so
+    that a header declaring more than the stream holds costs no more memory than the stream.
 
-    A gzip stream is read to its end where it is not longer than ``wanted``: only there does
-    gzip check its CRC, and a stream damaged in the middle can inflate to plausible garbage."""
-    if not path.name.lower().endswith(".gz"):
-        return path.stat().st_size
-    total = 0
+    The stream is read past ``wanted`` to its end where it is not longer: only there does gzip
+    check its CRC, and a stream damaged in the middle can inflate to plausible garbage."""
+    chunks, total = [], 0
     with gzip.open(path) as stream:
         while total <= wanted and (chunk := stream.read(1 << 24)):
+            chunks.append(chunk)
             total += len(chunk)
-    return total
+    return b"".join(chunks)[:wanted]
 
 
 class _HeaderProblems(logging.Filter):
@@ -143,7 +142,14 @@ def _read_nifti(path: Path) -> Scan:
         # Before anything is allocated: a header may declare more data than the file holds, and
         # nibabel would first allocate all of it, then find the file short.
         declared = image.dataobj.offset + int(np.prod(image.shape)) * dtype.itemsize
-        stored = _stored_bytes(path, declared)
+        if path.name.lower().endswith(".gz"):
+            # Inflated once, checked, and parsed from memory: nibabel would inflate it again.
+            content = _inflate(path, declared)
+            stored = len(content)
+            if stored >= declared:
+                image = type(image).from_bytes(content)
+        else:
+            stored = path.stat().st_size
         if stored < declared:
             raise _unreadable(
                 path, f"its header declares {declared:,} bytes but the file holds only {stored:,}"
@@ -159,7 +165,8 @@ def _read_nifti(path: Path) -> Scan:
     finally:
         nib.imageglobals.logger.removeFilter(problems)
     warnings = [
-        f"{path.name}: nibabel found a problem in its header: {message}." for message in problems.messages
+        f"{path.name}: nibabel found a problem in its header: {message}."
+        for message in dict.fromkeys(problems.messages)  # a gzipped header is parsed twice
     ]
     return Scan(
         array,

@@ -16,6 +16,7 @@ from conftest import ROOT, segment_command, set_args, start_tiny_training, tiny_
 from mlflow import MlflowClient
 
 from segment.config import load_config
+from segment.engine.checkpoint import load_checkpoint
 from segment.engine.train import train
 from segment.models import load_model
 
@@ -135,6 +136,28 @@ def test_an_interrupted_run_resumes_in_the_same_mlflow_run(tmp_path, hippocampus
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert metric_steps(client, run_id, "train_loss") == list(range(1, done + 2))
+
+
+def test_a_moving_average_of_the_weights_is_validated_kept_and_resumed(tmp_path, hippocampus_root):
+    config = load_config(CONFIG, [*tiny_hippocampus_overrides(epochs=1), "trainer.ema_decay=0.9"])
+    runs = tmp_path / "runs"
+    where = {"data_root": hippocampus_root, "tracking_uri": store(tmp_path), "output_root": runs, "progress": False}
+    first = train(config, **where)
+
+    checkpoint = load_checkpoint(runs / first.run_id)
+    live, averaged = checkpoint["model"], checkpoint["averaged"]
+    assert int(averaged["n_averaged"]) == checkpoint["state"].global_step > 1
+    kept, _ = load_model(first.model_dir)
+    kept_weights = kept.state_dict()
+    # The kept best model is the average, not the last weights.
+    assert all(torch.equal(tensor, averaged[f"module.{name}"]) for name, tensor in kept_weights.items())
+    assert any(not torch.equal(tensor, live[name]) for name, tensor in kept_weights.items())
+
+    train(resume=first.run_id, overrides_on_resume=["trainer.max_epochs=2"], **where)
+    resumed = load_checkpoint(runs / first.run_id)
+    # The average carried on over both sessions rather than restarting.
+    assert int(resumed["averaged"]["n_averaged"]) == resumed["state"].global_step
+    assert resumed["state"].global_step == 2 * checkpoint["state"].global_step
 
 
 def test_two_gloo_processes_train_one_run_and_log_once(tmp_path, hippocampus_root):

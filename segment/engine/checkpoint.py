@@ -30,11 +30,19 @@ class TrainingState:
     best_dice: dict[str, float] = field(default_factory=dict)
 
 
-def save_checkpoint(directory: Path, state: TrainingState, model: torch.nn.Module, optimiser, scaler) -> Path:
+def save_checkpoint(
+    directory: Path,
+    state: TrainingState,
+    model: torch.nn.Module,
+    optimiser,
+    scaler,
+    averaged: torch.nn.Module | None = None,
+) -> Path:
     """Write ``checkpoint.pt`` via a temporary file and a rename: never half-written."""
     payload = {
         "state": asdict(state),
         "model": model.state_dict(),
+        "averaged": averaged.state_dict() if averaged is not None else {},
         "optimiser": optimiser.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else {},
         "torch_rng": torch.get_rng_state(),

@@ -19,6 +19,7 @@ import yaml
 from monai.losses import DiceCELoss
 from monai.utils import convert_to_tensor, set_determinism
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from segment import plots, tracking
@@ -70,6 +71,18 @@ def learning_rate(config: ExperimentConfig, progress: float, step: int, warmup_s
     if config.trainer.schedule == "poly":
         return peak * (1.0 - progress) ** 0.9
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def moving_average(model: UNet, decay: float) -> AveragedModel:
+    """An exponential moving average of ``model``'s weights. Its decay ramps up as
+    (1 + n) / (10 + n) towards ``decay``, so the random initialisation does not linger in
+    the average through the first epochs."""
+
+    def average(averaged: torch.Tensor, current: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        rate = min(decay, float((1 + steps) / (10 + steps)))
+        return rate * averaged + (1.0 - rate) * current
+
+    return AveragedModel(model, avg_fn=average, use_buffers=True)
 
 
 @contextmanager
@@ -179,9 +192,13 @@ def _train(
     model = runtime.prepare_model(build_model(config.model))
     optimiser = torch.optim.AdamW(model.parameters(), lr=trainer.lr, weight_decay=trainer.weight_decay)
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.needs_grad_scaler else None
+    averaged = moving_average(model, trainer.ema_decay) if trainer.ema_decay is not None else None
     state = None
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
+        # A run given ema_decay only on resume starts its average from the resumed weights.
+        if averaged is not None and checkpoint.get("averaged"):
+            averaged.load_state_dict(checkpoint["averaged"])
         optimiser.load_state_dict(checkpoint["optimiser"])
         if scaler is not None and checkpoint["scaler"]:
             scaler.load_state_dict(checkpoint["scaler"])
@@ -206,6 +223,7 @@ def _train(
             loader,
             val_data,
             model,
+            averaged,
             network,
             optimiser,
             scaler,
@@ -254,6 +272,7 @@ class _Loop:
         loader,
         val_data,
         model: UNet,
+        averaged: AveragedModel | None,
         network,
         optimiser,
         scaler,
@@ -265,6 +284,9 @@ class _Loop:
         self.config, self.distributed, self.runtime, self.split = config, distributed, runtime, split
         self.loader, self.val_data = loader, val_data
         self.model, self.network, self.optimiser, self.scaler = model, network, optimiser, scaler
+        self.averaged = averaged
+        # The weights that are validated and kept as the best model.
+        self.kept_model: UNet = averaged.module if averaged is not None else model
         self.loss_function, self.state, self.run_dir, self.progress = loss_function, state, run_dir, progress
         self.last_dice = float("nan")
 
@@ -310,7 +332,9 @@ class _Loop:
             if self.distributed.is_main:
                 # Checkpoint before logging: a run killed in between resumes after this epoch,
                 # so no epoch is ever logged twice.
-                save_checkpoint(self.run_dir, self.state, self.model, self.optimiser, self.scaler)
+                save_checkpoint(
+                    self.run_dir, self.state, self.model, self.optimiser, self.scaler, self.averaged
+                )
                 metrics |= {"epoch": epoch + 1, "train_minutes": self.state.elapsed_seconds / 60}
                 if self.state.best_mean_dice >= 0:  # -1 until the first validation
                     metrics["best_val_mean_dice"] = self.state.best_mean_dice
@@ -356,6 +380,8 @@ class _Loop:
                 self.scaler.update()
             else:
                 self.optimiser.step()
+            if self.averaged is not None:
+                self.averaged.update_parameters(self.model)
             self.state.global_step += 1
             losses.append(loss.item())
             samples += image.shape[0]
@@ -363,13 +389,13 @@ class _Loop:
         return losses, samples
 
     def _validate(self, epoch: int) -> dict[str, float]:
-        scores = dice_per_class(self.model, self.val_data, self.runtime, self.config, self.split.label_names)
+        scores = dice_per_class(self.kept_model, self.val_data, self.runtime, self.config, self.split.label_names)
         mean = mean_dice(scores)
         self.last_dice = mean
         if mean > self.state.best_mean_dice:
             self.state.best_mean_dice, self.state.best_epoch, self.state.best_dice = mean, epoch, scores
             if self.distributed.is_main:
-                save_model(self.model, self.config, self.run_dir / BEST_MODEL_DIR)
+                save_model(self.kept_model, self.config, self.run_dir / BEST_MODEL_DIR)
         return {f"val_dice_{name}": value for name, value in scores.items()} | {"val_mean_dice": mean}
 
     def finish(self) -> int | None:
