@@ -8,11 +8,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
 from segment.config import ExperimentConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 HIPPOCAMPUS = "Task04_Hippocampus"
+
+
+def store_client(uri: str) -> MlflowClient:
+    """A client reading runs and registered models from ``uri`` alone: the registry URI is
+    given too, since an in-process training earlier in the session sets a global one."""
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def data_root() -> Path:

@@ -11,10 +11,17 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, segment_command, set_args, start_tiny_training, tiny_hippocampus_overrides
-from mlflow import MlflowClient
+from conftest import (
+    ROOT,
+    segment_command,
+    set_args,
+    start_tiny_training,
+    store_client,
+    tiny_hippocampus_overrides,
+)
 
 from segment.engine.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from segment.engine.train import _StopSignals
 
 CONFIG = str(ROOT / "configs" / "hippocampus_3d.yaml")
 
@@ -72,7 +79,7 @@ def killed_run(tmp_path, env) -> tuple[Path, str, int]:
 def test_a_run_killed_mid_epoch_resumes_from_its_last_checkpoint_in_the_same_run(tmp_path, env, killed_run):
     runs, run_id, epochs_done = killed_run
     assert epochs_done >= 1
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    client = store_client(env["MLFLOW_TRACKING_URI"])
     assert client.get_run(run_id).info.status == "RUNNING"  # SIGKILL leaves no chance to close it
 
     resumed = segment(
@@ -97,6 +104,22 @@ def test_a_run_killed_mid_epoch_resumes_from_its_last_checkpoint_in_the_same_run
     assert max(steps) == epochs_done + 2
     assert {epochs_done + 1, epochs_done + 2} <= set(steps)
     assert load_checkpoint(runs / run_id)["state"].epochs_done == epochs_done + 2
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_while_an_epoch_is_saved_waits_for_the_save_then_stops(stop):
+    saved = []
+    with _StopSignals() as stop_signals:
+        with pytest.raises(KeyboardInterrupt), stop_signals.saving():
+            os.kill(os.getpid(), stop)
+            saved.append("checkpoint")
+            saved.append("metrics")
+        assert saved == ["checkpoint", "metrics"]
+        # Between saves the same signal stops at once.
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), stop)
+            time.sleep(5)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_a_corrupt_checkpoint_is_refused_in_one_sentence(tmp_path, env, killed_run):

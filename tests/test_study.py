@@ -7,8 +7,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import ROOT, segment_command, set_args, tiny_hippocampus_overrides
-from mlflow import MlflowClient
+from conftest import ROOT, segment_command, set_args, store_client, tiny_hippocampus_overrides
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +59,7 @@ def study(tmp_path_factory, hippocampus_root):
 
 def test_evaluating_an_mlflow_model_logs_the_results_to_its_run(study):
     _, env, _, ablation = study
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    client = store_client(env["MLFLOW_TRACKING_URI"])
     version = client.get_model_version_by_alias("hippocampus_3d", "best")
     assert f"Logged the evaluation to MLflow run {version.run_id}" in ablation.stdout
     run = client.get_run(version.run_id)

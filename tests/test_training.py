@@ -12,7 +12,14 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import ROOT, segment_command, set_args, start_tiny_training, tiny_hippocampus_overrides
+from conftest import (
+    ROOT,
+    segment_command,
+    set_args,
+    start_tiny_training,
+    store_client,
+    tiny_hippocampus_overrides,
+)
 from mlflow import MlflowClient
 
 from segment.config import load_config
@@ -41,7 +48,7 @@ def test_a_short_run_is_fully_tracked_and_its_model_registered(tmp_path, hippoca
         progress=False,
     )
 
-    client = MlflowClient(store(tmp_path))
+    client = store_client(store(tmp_path))
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == "Task04_Hippocampus"
@@ -108,7 +115,7 @@ def test_an_interrupted_run_resumes_in_the_same_mlflow_run(tmp_path, hippocampus
     assert "segment train --resume" in stderr
 
     run_id = next(runs.iterdir()).name
-    client = MlflowClient(store(tmp_path))
+    client = store_client(store(tmp_path))
     assert client.get_run(run_id).info.status == "KILLED"
     done = len(metric_steps(client, run_id, "train_loss"))
     assert done >= 1
@@ -185,7 +192,7 @@ def test_two_gloo_processes_train_one_run_and_log_once(tmp_path, hippocampus_roo
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Finished run") == 1
-    client = MlflowClient(store(tmp_path))
+    client = store_client(store(tmp_path))
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1
     run_id = runs[0].info.run_id

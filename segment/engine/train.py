@@ -85,18 +85,43 @@ def moving_average(model: UNet, decay: float) -> AveragedModel:
     return AveragedModel(model, avg_fn=average, use_buffers=True)
 
 
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """A scheduler's SIGTERM stops training as cleanly as Ctrl-C does."""
+class _StopSignals:
+    """Ctrl-C, and a scheduler's SIGTERM, stop training by raising KeyboardInterrupt, except
+    while an epoch's results are being saved: a stop that arrives then waits for the
+    checkpoint and the MLflow metrics to be written together, so a resumed run neither
+    repeats nor loses an epoch's record."""
 
-    def handler(signum, frame):
-        raise KeyboardInterrupt
+    _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def __init__(self) -> None:
+        self._saving = False
+        self._pending = False
+        self._previous: dict[int, object] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self._saving:
+            self._pending = True
+        else:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> _StopSignals:
+        self._previous = {number: signal.signal(number, self._handler) for number in self._SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+
+    @contextmanager
+    def saving(self) -> Iterator[None]:
+        self._saving = True
+        try:
+            yield
+        finally:
+            self._saving = False
+        if self._pending:
+            self._pending = False
+            raise KeyboardInterrupt
 
 
 @dataclass
@@ -232,13 +257,12 @@ def _train(
             run_dir,
             progress,
         )
-        with _sigterm_as_interrupt():
-            try:
-                stop_reason = loop.run()
-            except KeyboardInterrupt:
-                if run is not None:
-                    mlflow.end_run(status="KILLED")
-                raise TrainingInterrupted(run_id, state.epochs_done) from None
+        try:
+            stop_reason = loop.run()
+        except KeyboardInterrupt:
+            if run is not None:
+                mlflow.end_run(status="KILLED")
+            raise TrainingInterrupted(run_id, state.epochs_done) from None
         version = loop.finish() if distributed.is_main else None
         if run is not None:
             mlflow.end_run(status="FINISHED")
@@ -304,6 +328,10 @@ class _Loop:
         return fraction
 
     def run(self) -> str:
+        with _StopSignals() as stop_signals:
+            return self._run_epochs(stop_signals)
+
+    def _run_epochs(self, stop_signals: _StopSignals) -> str:
         trainer = self.config.trainer
         warmup_steps = trainer.warmup_epochs * len(self.loader)
         session_start = time.perf_counter() - self.state.elapsed_seconds
@@ -324,21 +352,22 @@ class _Loop:
                 "epoch_seconds": epoch_seconds,
                 "samples_per_second": samples * self.distributed.world_size / epoch_seconds,
             }
-            # Every process scores its share of the validation cases; MONAI's metric gathers them.
-            if (epoch + 1) % trainer.val_every == 0 or last:
-                metrics |= self._validate(epoch + 1)
-            self.state.epochs_done = epoch + 1
-            self.state.elapsed_seconds = time.perf_counter() - session_start
-            if self.distributed.is_main:
-                # Checkpoint before logging: a run killed in between resumes after this epoch,
-                # so no epoch is ever logged twice.
-                save_checkpoint(
-                    self.run_dir, self.state, self.model, self.optimiser, self.scaler, self.averaged
-                )
-                metrics |= {"epoch": epoch + 1, "train_minutes": self.state.elapsed_seconds / 60}
-                if self.state.best_mean_dice >= 0:  # -1 until the first validation
-                    metrics["best_val_mean_dice"] = self.state.best_mean_dice
-                mlflow.log_metrics(metrics, step=epoch + 1)
+            with stop_signals.saving():
+                # Every process scores its share of the validation cases; MONAI's metric gathers them.
+                if (epoch + 1) % trainer.val_every == 0 or last:
+                    metrics |= self._validate(epoch + 1)
+                self.state.epochs_done = epoch + 1
+                self.state.elapsed_seconds = time.perf_counter() - session_start
+                if self.distributed.is_main:
+                    # Checkpoint before logging: a run killed outright (SIGKILL, power cut) in
+                    # between resumes after this epoch, so no epoch is ever logged twice.
+                    save_checkpoint(
+                        self.run_dir, self.state, self.model, self.optimiser, self.scaler, self.averaged
+                    )
+                    metrics |= {"epoch": epoch + 1, "train_minutes": self.state.elapsed_seconds / 60}
+                    if self.state.best_mean_dice >= 0:  # -1 until the first validation
+                        metrics["best_val_mean_dice"] = self.state.best_mean_dice
+                    mlflow.log_metrics(metrics, step=epoch + 1)
             if out_of_time:
                 return f"time budget of {trainer.max_minutes} min reached"
         return f"{trainer.max_epochs} epochs done"
