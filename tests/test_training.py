@@ -172,6 +172,8 @@ def test_two_gloo_processes_train_one_run_and_log_once(tmp_path, hippocampus_roo
         "SEGMENT_DATA_ROOT": str(hippocampus_root),
         "MLFLOW_TRACKING_URI": store(tmp_path),
         "OMP_NUM_THREADS": "1",
+        # A process that aborts in native code prints where its Python threads were.
+        "PYTHONFAULTHANDLER": "1",
     }
     command = [
         sys.executable,
@@ -190,7 +192,7 @@ def test_two_gloo_processes_train_one_run_and_log_once(tmp_path, hippocampus_roo
         *set_args(tiny_hippocampus_overrides(epochs=2)),
     ]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-8000:]}"
     assert result.stdout.count("Finished run") == 1
     client = store_client(store(tmp_path))
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])

@@ -263,7 +263,8 @@ def _train(
             if run is not None:
                 mlflow.end_run(status="KILLED")
             raise TrainingInterrupted(run_id, state.epochs_done) from None
-        version = loop.finish() if distributed.is_main else None
+        # Shared, so every process waits for the first one's logging and all tear down together.
+        version = distributed.share(loop.finish() if distributed.is_main else None)
         if run is not None:
             mlflow.end_run(status="FINISHED")
         return TrainingResult(
