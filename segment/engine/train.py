@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import signal
@@ -192,6 +193,11 @@ def train(
         return _train(config, distributed, data_root, resume, checkpoint, output_root, device, progress)
     finally:
         if distributed.enabled:
+            # The finished run's DDP wrapper lives on in reference cycles, holding the process
+            # group; left to a later collection or to interpreter exit, its teardown aborts
+            # gloo ("terminate called without an active exception"). Free it while the group
+            # is still up.
+            gc.collect()
             dist.destroy_process_group()
 
 
