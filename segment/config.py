@@ -149,6 +149,11 @@ class TrainerConfig(_Section):
     warmup_epochs: int = Field(2, ge=0)
     schedule: Literal["cosine", "poly"] = "cosine"
     grad_clip: float | None = Field(12.0, gt=0)
+    # The Dice half of the DiceCE loss. MONAI's default scores every label, background too,
+    # per sample; nnU-Net's scores the foreground labels only, pooled over the batch, so a
+    # sample with a small structure does not swing the loss.
+    dice_background: bool = True
+    batch_dice: bool = False
     # Validate and keep an exponential moving average of the weights with this decay per step
     # (e.g. 0.999): it smooths the noise of the last steps out of the model that is kept.
     # None validates the weights as trained.

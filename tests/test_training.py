@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -25,7 +26,7 @@ from mlflow import MlflowClient
 from segment.config import load_config
 from segment.engine.checkpoint import load_checkpoint
 from segment.engine.train import train
-from segment.models import load_model
+from segment.models import UNet, load_model
 
 CONFIG = str(ROOT / "configs" / "hippocampus_3d.yaml")
 
@@ -165,6 +166,40 @@ def test_a_moving_average_of_the_weights_is_validated_kept_and_resumed(tmp_path,
     # The average carried on over both sessions rather than restarting.
     assert int(resumed["averaged"]["n_averaged"]) == resumed["state"].global_step
     assert resumed["state"].global_step == 2 * checkpoint["state"].global_step
+
+
+def test_a_step_with_a_non_finite_gradient_is_skipped_and_counted(tmp_path, hippocampus_root):
+    # CPU bf16 convolutions now and then return a NaN weight gradient; one such step must not
+    # poison the weights. The first training step's output gradient is made NaN here.
+    poisoned = []
+
+    def poison_first_training_step(module, inputs, output):
+        if isinstance(module, UNet) and module.training and torch.is_grad_enabled() and not poisoned:
+            poisoned.append(True)
+            output.register_hook(lambda gradient: torch.full_like(gradient, float("nan")))
+
+    hook = torch.nn.modules.module.register_module_forward_hook(poison_first_training_step)
+    try:
+        config = load_config(CONFIG, tiny_hippocampus_overrides(epochs=2))
+        result = train(
+            config,
+            data_root=hippocampus_root,
+            tracking_uri=store(tmp_path),
+            output_root=tmp_path / "runs",
+            progress=False,
+        )
+    finally:
+        hook.remove()
+
+    assert poisoned
+    client = store_client(store(tmp_path))
+    skipped = {m.step: m.value for m in client.get_metric_history(result.run_id, "skipped_steps")}
+    assert skipped == {1: 1.0, 2: 0.0}
+    losses = [m.value for m in client.get_metric_history(result.run_id, "train_loss")]
+    assert all(math.isfinite(loss) for loss in losses)
+    weights = load_checkpoint(tmp_path / "runs" / result.run_id)["model"]
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+    assert result.best_mean_dice > 0
 
 
 def test_two_gloo_processes_train_one_run_and_log_once(tmp_path, hippocampus_root):

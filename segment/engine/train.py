@@ -236,7 +236,12 @@ def _train(
         torch.set_rng_state(checkpoint["torch_rng"])
         state = checkpoint["state"]
     network = DistributedDataParallel(model) if distributed.enabled else model
-    loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_function = DiceCELoss(
+        to_onehot_y=True,
+        softmax=True,
+        include_background=trainer.dice_background,
+        batch=trainer.batch_dice,
+    )
 
     run = tracking.start_run(config, resume) if distributed.is_main else None
     try:
@@ -347,14 +352,15 @@ class _Loop:
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
             epoch_start = time.perf_counter()
-            losses, samples = self._train_epoch(epoch, session_start, warmup_steps)
+            losses, samples, skipped_steps = self._train_epoch(epoch, session_start, warmup_steps)
             epoch_seconds = time.perf_counter() - epoch_start
             elapsed = time.perf_counter() - session_start
             out_of_time = self.budget_seconds is not None and elapsed >= self.budget_seconds
             out_of_time = self.distributed.share(out_of_time)
             last = epoch + 1 == trainer.max_epochs or out_of_time
             metrics = {
-                "train_loss": float(np.mean(losses)),
+                "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                "skipped_steps": skipped_steps,
                 "lr": self.optimiser.param_groups[0]["lr"],
                 "epoch_seconds": epoch_seconds,
                 "samples_per_second": samples * self.distributed.world_size / epoch_seconds,
@@ -379,10 +385,14 @@ class _Loop:
                 return f"time budget of {trainer.max_minutes} min reached"
         return f"{trainer.max_epochs} epochs done"
 
-    def _train_epoch(self, epoch: int, session_start: float, warmup_steps: int) -> tuple[list[float], int]:
+    def _train_epoch(
+        self, epoch: int, session_start: float, warmup_steps: int
+    ) -> tuple[list[float], int, int]:
+        """One pass over the training data: the finite step losses, the samples seen, and how
+        many steps were skipped because their gradient was not finite."""
         trainer = self.config.trainer
         self.network.train()
-        losses, samples = [], 0
+        losses, samples, skipped = [], 0, 0
         bar = tqdm(
             self.loader,
             desc=f"epoch {epoch + 1}/{trainer.max_epochs}",
@@ -409,20 +419,29 @@ class _Loop:
                 self.scaler.unscale_(self.optimiser)
             else:
                 loss.backward()
-            if trainer.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), trainer.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), trainer.grad_clip or math.inf
+            )
+            # One non-finite gradient would turn every weight into NaN for good. CPU bf16
+            # convolutions produce one now and then (seen on small unpadded volumes), so such
+            # a step is skipped, as the CUDA grad scaler skips its overflowing steps. Gradients
+            # are all-reduced, so every process sees the same norm and skips together.
+            finite = bool(torch.isfinite(grad_norm))
             if self.scaler is not None:
                 self.scaler.step(self.optimiser)
                 self.scaler.update()
-            else:
+            elif finite:
                 self.optimiser.step()
-            if self.averaged is not None:
+            if not finite:
+                skipped += 1
+            elif self.averaged is not None:
                 self.averaged.update_parameters(self.model)
             self.state.global_step += 1
-            losses.append(loss.item())
+            if finite:
+                losses.append(loss.item())
             samples += image.shape[0]
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", val_dice=f"{self.last_dice:.3f}")
-        return losses, samples
+            bar.set_postfix(loss=f"{loss.item():.3f}", val_dice=f"{self.last_dice:.3f}")
+        return losses, samples, skipped
 
     def _validate(self, epoch: int) -> dict[str, float]:
         scores = dice_per_class(self.kept_model, self.val_data, self.runtime, self.config, self.split.label_names)
