@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -166,6 +166,12 @@ class TrainerConfig(_Section):
     amp: Literal["auto", "off"] = "auto"
     channels_last: bool = True
     seed: int = 0
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off_is_false(cls, value):
+        # YAML reads a bare `off` (in a file or in --set trainer.amp=off) as the boolean false.
+        return "off" if value is False else value
 
 
 class ExperimentConfig(_Section):

@@ -22,6 +22,10 @@ def test_overrides_are_parsed_as_yaml_values():
     assert config.model.encoder == "resnet"
 
 
+def test_mixed_precision_can_be_switched_off_with_a_bare_yaml_off():
+    assert load_config(DEFAULT, ["trainer.amp=off"]).trainer.amp == "off"
+
+
 def test_channels_default_to_base_channels_doubled_per_level():
     config = load_config(DEFAULT, ["model.levels=4", "model.base_channels=8"])
     assert config.model.widths == (8, 16, 32, 64)
