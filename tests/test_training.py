@@ -35,19 +35,24 @@ def store(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
+def in_test_folder(tmp_path: Path, data_root: Path) -> dict:
+    """``train`` arguments for a quiet in-process run whose store and checkpoints stay in
+    ``tmp_path``."""
+    return {
+        "data_root": data_root,
+        "tracking_uri": store(tmp_path),
+        "output_root": tmp_path / "runs",
+        "progress": False,
+    }
+
+
 def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
 def test_a_short_run_is_fully_tracked_and_its_model_registered(tmp_path, hippocampus_root):
     config = load_config(CONFIG, tiny_hippocampus_overrides(epochs=2))
-    result = train(
-        config,
-        data_root=hippocampus_root,
-        tracking_uri=store(tmp_path),
-        output_root=tmp_path / "runs",
-        progress=False,
-    )
+    result = train(config, **in_test_folder(tmp_path, hippocampus_root))
 
     client = store_client(store(tmp_path))
     run = client.get_run(result.run_id)
@@ -149,7 +154,7 @@ def test_an_interrupted_run_resumes_in_the_same_mlflow_run(tmp_path, hippocampus
 def test_a_moving_average_of_the_weights_is_validated_kept_and_resumed(tmp_path, hippocampus_root):
     config = load_config(CONFIG, [*tiny_hippocampus_overrides(epochs=1), "trainer.ema_decay=0.9"])
     runs = tmp_path / "runs"
-    where = {"data_root": hippocampus_root, "tracking_uri": store(tmp_path), "output_root": runs, "progress": False}
+    where = in_test_folder(tmp_path, hippocampus_root)
     first = train(config, **where)
 
     checkpoint = load_checkpoint(runs / first.run_id)
@@ -181,13 +186,7 @@ def test_a_step_with_a_non_finite_gradient_is_skipped_and_counted(tmp_path, hipp
     hook = torch.nn.modules.module.register_module_forward_hook(poison_first_training_step)
     try:
         config = load_config(CONFIG, tiny_hippocampus_overrides(epochs=2))
-        result = train(
-            config,
-            data_root=hippocampus_root,
-            tracking_uri=store(tmp_path),
-            output_root=tmp_path / "runs",
-            progress=False,
-        )
+        result = train(config, **in_test_folder(tmp_path, hippocampus_root))
     finally:
         hook.remove()
 
@@ -298,12 +297,6 @@ def test_a_2d_patch_model_trains_on_converted_isbi_slices(tmp_path, hippocampus_
         "trainer.roi_size=[64,64]",
     ]
     config = load_config(ROOT / "configs" / "isbi2012_2d.yaml", overrides)
-    result = train(
-        config,
-        data_root=tmp_path,
-        tracking_uri=store(tmp_path),
-        output_root=tmp_path / "runs",
-        progress=False,
-    )
+    result = train(config, **in_test_folder(tmp_path, tmp_path))
     assert set(result.best_dice) == {"membrane"}
     assert 0.0 <= result.best_mean_dice <= 1.0

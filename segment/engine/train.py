@@ -432,15 +432,16 @@ class _Loop:
                 self.scaler.update()
             elif finite:
                 self.optimiser.step()
-            if not finite:
-                skipped += 1
-            elif self.averaged is not None:
-                self.averaged.update_parameters(self.model)
-            self.state.global_step += 1
+            step_loss = loss.item()
             if finite:
-                losses.append(loss.item())
+                losses.append(step_loss)
+                if self.averaged is not None:
+                    self.averaged.update_parameters(self.model)
+            else:
+                skipped += 1
+            self.state.global_step += 1
             samples += image.shape[0]
-            bar.set_postfix(loss=f"{loss.item():.3f}", val_dice=f"{self.last_dice:.3f}")
+            bar.set_postfix(loss=f"{step_loss:.3f}", val_dice=f"{self.last_dice:.3f}")
         return losses, samples, skipped
 
     def _validate(self, epoch: int) -> dict[str, float]:
