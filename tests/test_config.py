@@ -46,6 +46,8 @@ def test_channels_default_to_base_channels_doubled_per_level():
         ("model.skips=[1,0]", "skips has 2 entries but the model has 4 long skips"),
         ("data.patch_size=[64,64]", "data.patch_size has 2 sizes but the model is 3D"),
         ("data.flip_axes=[3]", "data.flip_axes must name spatial axes 0..2"),
+        ("data.scale_range=[1.2,0.8]", r"data: scale_range must be two factors with 0 < low <= high"),
+        ("data.intensity_augment=heavy", r"data\.intensity_augment: Input should be 'basic' or 'nnunet'"),
     ],
 )
 def test_bad_config_fails_with_one_sentence_naming_the_problem(override, expected):

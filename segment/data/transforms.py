@@ -3,6 +3,8 @@ and prediction, plus sampling and augmentation for training only."""
 
 from __future__ import annotations
 
+import math
+
 from monai import transforms as T
 
 from segment.config import ExperimentConfig
@@ -81,25 +83,47 @@ def _sample(config: ExperimentConfig) -> list:
 def _augment(config: ExperimentConfig) -> list:
     """Cheap augmentations: the CPU that feeds the model is also the CPU that trains it."""
     keys = (IMAGE, LABEL)
+    data, dims = config.data, config.model.spatial_dims
     steps: list = []
-    if config.data.affine_augment_prob > 0:
-        dims = config.model.spatial_dims
+    if data.affine_augment_prob > 0:
+        low, high = data.scale_range
         steps.append(
             T.RandAffined(
                 keys,
-                prob=config.data.affine_augment_prob,
-                rotate_range=(0.26,) * (3 if dims == 3 else 1),
-                scale_range=(0.1,) * dims,
+                prob=data.affine_augment_prob,
+                rotate_range=(math.radians(data.rotate_degrees),) * (3 if dims == 3 else 1),
+                # MONAI adds 1 to the drawn value, so 0 means unscaled.
+                scale_range=((low - 1.0, high - 1.0),) * dims,
                 mode=("bilinear", "nearest"),
                 padding_mode="zeros",
             )
         )
-    flips = [T.RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in config.data.flip_axes]
+    steps += _intensity_augment(config)
+    steps += [T.RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in data.flip_axes]
+    return steps
+
+
+def _intensity_augment(config: ExperimentConfig) -> list:
+    if config.data.intensity_augment == "basic":
+        return [
+            T.RandScaleIntensityd(IMAGE, factors=0.1, prob=0.5),
+            T.RandShiftIntensityd(IMAGE, offsets=0.1, prob=0.5),
+        ]
+    # nnU-Net's defaults, in its order. Intensities are z-scores here, as there.
+    blur_sigma = (0.5, 1.0)
     return [
-        *steps,
-        *flips,
-        T.RandScaleIntensityd(IMAGE, factors=0.1, prob=0.5),
-        T.RandShiftIntensityd(IMAGE, offsets=0.1, prob=0.5),
+        T.RandGaussianNoised(IMAGE, prob=0.1, std=0.1**0.5),
+        T.RandGaussianSmoothd(IMAGE, prob=0.2, sigma_x=blur_sigma, sigma_y=blur_sigma, sigma_z=blur_sigma),
+        T.RandScaleIntensityd(IMAGE, factors=0.25, prob=0.15),
+        T.RandScaleIntensityFixedMeand(IMAGE, factors=0.25, preserve_range=True, prob=0.15),
+        T.RandSimulateLowResolutiond(
+            IMAGE,
+            prob=0.25,
+            zoom_range=(0.5, 1.0),
+            upsample_mode="trilinear" if config.model.spatial_dims == 3 else "bilinear",
+        ),
+        T.RandAdjustContrastd(IMAGE, prob=0.1, gamma=(0.7, 1.5), invert_image=True, retain_stats=True),
+        T.RandAdjustContrastd(IMAGE, prob=0.3, gamma=(0.7, 1.5), retain_stats=True),
     ]
 
 
