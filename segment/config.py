@@ -50,6 +50,11 @@ class ModelConfig(_Section):
     norm: Literal["instance", "batch"] = "instance"
     act: Literal["leakyrelu", "relu", "prelu", "gelu"] = "leakyrelu"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # Deep supervision: this many next-coarser decoder levels get their own output head during
+    # training, scored against the label shrunk to their size with weights 1/2, 1/4, ... of
+    # the full-resolution loss (MONAI's DeepSupervisionLoss). nnU-Net supervises all but the
+    # two coarsest levels. Prediction uses the full-resolution output alone.
+    deep_supervision: int = Field(0, ge=0)
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -82,6 +87,11 @@ class ModelConfig(_Section):
                 )
             if any(b < 1 for b in self.blocks_per_level):
                 raise ValueError("blocks_per_level must all be at least 1")
+        if self.deep_supervision > self.levels - 2:
+            raise ValueError(
+                f"deep_supervision can supervise at most {self.levels - 2} coarser levels of a "
+                f"{self.levels}-level model, got {self.deep_supervision}"
+            )
         if self.skips is not None and len(self.skips) != self.num_skips:
             raise ValueError(
                 f"skips has {len(self.skips)} entries but the model has {self.num_skips} long skips"

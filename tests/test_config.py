@@ -44,6 +44,7 @@ def test_channels_default_to_base_channels_doubled_per_level():
         ("model.levels=1", "model.levels: Input should be greater than or equal to 2"),
         ("model", "expected key=value"),
         ("model.skips=[1,0]", "skips has 2 entries but the model has 4 long skips"),
+        ("model.deep_supervision=4", "deep_supervision can supervise at most 3 coarser levels"),
         ("data.patch_size=[64,64]", "data.patch_size has 2 sizes but the model is 3D"),
         ("data.flip_axes=[3]", "data.flip_axes must name spatial axes 0..2"),
         ("data.scale_range=[1.2,0.8]", r"data: scale_range must be two factors with 0 < low <= high"),

@@ -173,6 +173,19 @@ def test_a_moving_average_of_the_weights_is_validated_kept_and_resumed(tmp_path,
     assert resumed["state"].global_step == 2 * checkpoint["state"].global_step
 
 
+def test_a_deeply_supervised_model_trains_and_predicts_at_full_resolution(tmp_path, hippocampus_root):
+    config = load_config(CONFIG, [*tiny_hippocampus_overrides(epochs=2), "model.deep_supervision=1"])
+    result = train(config, **in_test_folder(tmp_path, hippocampus_root))
+    losses = [m.value for m in store_client(store(tmp_path)).get_metric_history(result.run_id, "train_loss")]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    assert result.best_mean_dice > 0
+    model, saved = load_model(result.model_dir)
+    assert saved.model.deep_supervision == 1
+    volume = torch.randn(1, 1, 35, 51, 33)
+    with torch.no_grad():
+        assert model.eval()(volume).shape == (1, 3, 35, 51, 33)
+
+
 def test_a_step_with_a_non_finite_gradient_is_skipped_and_counted(tmp_path, hippocampus_root):
     # CPU bf16 convolutions now and then return a NaN weight gradient; one such step must not
     # poison the weights. The first training step's output gradient is made NaN here.

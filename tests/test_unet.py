@@ -127,3 +127,15 @@ def test_a_model_built_without_skips_uses_that_mask_by_default():
     with torch.no_grad():
         torch.testing.assert_close(model(x), model(x, [0, 0, 0]), rtol=0, atol=0)
         assert not torch.allclose(model(x), model(x, [1, 1, 1]))
+
+
+def test_deep_supervision_adds_coarser_outputs_in_training_only():
+    model = build_model(small_config(deep_supervision=2))
+    x = make_input(3)
+    outputs = model.train()(x)
+    # Each coarser level is half its finer neighbour's size, rounded up.
+    assert [tuple(o.shape[2:]) for o in outputs] == [(19, 27, 21), (10, 14, 11), (5, 7, 6)]
+    sum(o.square().mean() for o in outputs[1:]).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.deep_supervision_heads.parameters())
+    with torch.no_grad():
+        assert model.eval()(x).shape == (2, 3, 19, 27, 21)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from monai.losses import DiceCELoss
+from monai.losses import DeepSupervisionLoss, DiceCELoss
 from monai.utils import convert_to_tensor, set_determinism
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
@@ -236,11 +236,14 @@ def _train(
         torch.set_rng_state(checkpoint["torch_rng"])
         state = checkpoint["state"]
     network = DistributedDataParallel(model) if distributed.enabled else model
-    loss_function = DiceCELoss(
-        to_onehot_y=True,
-        softmax=True,
-        include_background=trainer.dice_background,
-        batch=trainer.batch_dice,
+    # Takes the single logits tensor of a model, or the list of one with deep supervision.
+    loss_function = DeepSupervisionLoss(
+        DiceCELoss(
+            to_onehot_y=True,
+            softmax=True,
+            include_background=trainer.dice_background,
+            batch=trainer.batch_dice,
+        )
     )
 
     run = tracking.start_run(config, resume) if distributed.is_main else None
@@ -412,7 +415,7 @@ class _Loop:
             label = self.runtime.to_device(convert_to_tensor(batch["label"], track_meta=False))
             with self.runtime.autocast():
                 logits = self.network(image)
-            loss = self.loss_function(logits.float(), label)
+            loss = self.loss_function(logits, label)
             self.optimiser.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()

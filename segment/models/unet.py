@@ -28,8 +28,12 @@ class UNet(nn.Module):
         self.config = config
         self.encoder = build_encoder(config)
         self.decoder = UNetDecoder(config, self.encoder.out_channels)
-        self.head = Conv[Conv.CONV, config.spatial_dims](
-            self.decoder.out_channels, config.out_channels, kernel_size=1
+        conv = Conv[Conv.CONV, config.spatial_dims]
+        self.head = conv(self.decoder.out_channels, config.out_channels, kernel_size=1)
+        # Deep supervision: heads on the next-coarser decoder levels, used in training only.
+        self.deep_supervision_heads = nn.ModuleList(
+            conv(self.encoder.out_channels[level], config.out_channels, kernel_size=1)
+            for level in range(1, config.deep_supervision + 1)
         )
         self._skip_dropout = torch.tensor(config.skip_dropout_per_level)
 
@@ -43,19 +47,26 @@ class UNet(nn.Module):
         Each level is ceil(previous / 2) in size, so odd sizes need no padding."""
         return self.encoder(x)
 
-    def decode(self, features: Sequence[torch.Tensor], skips: SkipMask = None) -> torch.Tensor:
+    def decode(self, features: Sequence[torch.Tensor], skips: SkipMask = None) -> torch.Tensor | list[torch.Tensor]:
         """Logits (B, out_channels, *spatial) at the input's size, with the given skips on.
 
         In training mode each enabled skip is also dropped with its skip-dropout probability,
-        once per batch."""
+        once per batch; a model with deep supervision then returns a list, the full-resolution
+        logits first and each coarser level's logits (at that level's size) after them."""
         skips_on = self.resolve_skips(skips)
         if self.training:
             dropped = torch.rand(self.num_skips) < self._skip_dropout
             skips_on = tuple(on and not drop for on, drop in zip(skips_on, dropped.tolist(), strict=True))
-        return self.head(self.decoder(features, skips_on))
+        rebuilt = self.decoder(features, skips_on)
+        logits = self.head(rebuilt[0])
+        if not (self.training and self.deep_supervision_heads):
+            return logits
+        coarser = [head(x) for head, x in zip(self.deep_supervision_heads, rebuilt[1:], strict=False)]
+        return [logits, *coarser]
 
-    def forward(self, x: torch.Tensor, skips: SkipMask = None) -> torch.Tensor:
-        """x: (B, in_channels, *spatial) -> logits (B, out_channels, *spatial)."""
+    def forward(self, x: torch.Tensor, skips: SkipMask = None) -> torch.Tensor | list[torch.Tensor]:
+        """x: (B, in_channels, *spatial) -> logits (B, out_channels, *spatial); in training
+        with deep supervision, a list of logits as :meth:`decode` says."""
         return self.decode(self.encode(x), skips)
 
     def resolve_skips(self, skips: SkipMask) -> tuple[bool, ...]:
