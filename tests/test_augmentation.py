@@ -12,20 +12,20 @@ from segment.data.transforms import training_transforms, validation_transforms
 CONFIG = ROOT / "configs" / "hippocampus_3d.yaml"
 
 
-def augmented_and_plain(hippocampus_root, overrides: list[str], draws: int = 8):
-    """(augmented samples, plain sample) of the first training case, drawn ``draws`` times."""
+def first_training_case(hippocampus_root, overrides: list[str]):
+    """(config, the first training case) of a few real cases with ``overrides``."""
     config = load_config(CONFIG, ["data.max_cases=4", *overrides])
-    case = split_task(config.data, hippocampus_root, download=False).train[0]
-    transform = training_transforms(config)
-    transform.set_random_state(seed=0)
-    plain = validation_transforms(config)(dict(case))
-    return [transform(dict(case)) for _ in range(draws)], plain
+    return config, split_task(config.data, hippocampus_root, download=False).train[0]
 
 
 def test_nnunet_intensity_augmentation_changes_intensities_but_never_labels(hippocampus_root):
-    samples, plain = augmented_and_plain(
+    config, case = first_training_case(
         hippocampus_root, ["data.intensity_augment=nnunet", "data.affine_augment_prob=0", "data.flip_axes=[]"]
     )
+    transform = training_transforms(config)
+    transform.set_random_state(seed=0)
+    plain = validation_transforms(config)(dict(case))
+    samples = [transform(dict(case)) for _ in range(8)]
     for sample in samples:
         assert sample["image"].shape == plain["image"].shape
         assert torch.isfinite(sample["image"]).all()
@@ -37,17 +37,10 @@ def test_nnunet_intensity_augmentation_changes_intensities_but_never_labels(hipp
 def test_rotation_and_scaling_move_image_and_label_together(hippocampus_root):
     # The label file read as the image too: after the same rotation and scaling, the bright
     # voxels of the (bilinearly resampled) image must be the labelled voxels.
-    config = load_config(
-        CONFIG,
-        [
-            "data.max_cases=4",
-            "data.affine_augment_prob=1",
-            "data.rotate_degrees=30",
-            "data.scale_range=[0.7,1.4]",
-            "data.flip_axes=[]",
-        ],
+    config, case = first_training_case(
+        hippocampus_root,
+        ["data.affine_augment_prob=1", "data.rotate_degrees=30", "data.scale_range=[0.7,1.4]", "data.flip_axes=[]"],
     )
-    case = split_task(config.data, hippocampus_root, download=False).train[0]
     label_as_image = {"image": case["label"], "label": case["label"]}
     plain = validation_transforms(config)(dict(label_as_image))
     truth = torch.as_tensor(plain["label"])

@@ -48,13 +48,17 @@ class UNetDecoder(nn.Module):
         )
         self.out_channels = encoder_channels[0]
 
-    def forward(self, features: Sequence[torch.Tensor], skips_on: Sequence[bool]) -> list[torch.Tensor]:
+    def forward(
+        self, features: Sequence[torch.Tensor], skips_on: Sequence[bool], keep: int = 1
+    ) -> list[torch.Tensor]:
         """features: one (B, C_k, *S_k) map per level, finest first; skips_on: one flag per
-        long skip, finest first. Returns what each decoder level rebuilt, finest first: the
-        full-resolution (B, C_0, *S_0) features, then (B, C_1, *S_1), and so on."""
+        long skip, finest first. Returns what the ``keep`` finest decoder levels rebuilt, finest
+        first: the full-resolution (B, C_0, *S_0) features, then (B, C_1, *S_1), and so on.
+        Coarser maps are let go as soon as the next level is built."""
         x = features[-1]
         rebuilt = []
         for k in reversed(range(len(self.levels))):
             x = self.levels[k](x, features[k], skips_on[k])
-            rebuilt.append(x)
+            if k < keep:
+                rebuilt.append(x)
         return rebuilt[::-1]

@@ -57,12 +57,12 @@ class UNet(nn.Module):
         if self.training:
             dropped = torch.rand(self.num_skips) < self._skip_dropout
             skips_on = tuple(on and not drop for on, drop in zip(skips_on, dropped.tolist(), strict=True))
-        rebuilt = self.decoder(features, skips_on)
-        logits = self.head(rebuilt[0])
-        if not (self.training and self.deep_supervision_heads):
+        supervised = self.deep_supervision_heads if self.training else nn.ModuleList()
+        finest, *coarser = self.decoder(features, skips_on, keep=1 + len(supervised))
+        logits = self.head(finest)
+        if not supervised:
             return logits
-        coarser = [head(x) for head, x in zip(self.deep_supervision_heads, rebuilt[1:], strict=False)]
-        return [logits, *coarser]
+        return [logits, *(head(x) for head, x in zip(supervised, coarser, strict=True))]
 
     def forward(self, x: torch.Tensor, skips: SkipMask = None) -> torch.Tensor | list[torch.Tensor]:
         """x: (B, in_channels, *spatial) -> logits (B, out_channels, *spatial); in training
