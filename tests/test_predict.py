@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,10 +13,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
+from torch.profiler import profile
 
 from segment.engine.device import make_runtime
 from segment.engine.evaluate import score_case
-from segment.engine.predict import segment_scan
+from segment.engine.inference import predict_logits
+from segment.engine.predict import prepare, segment_scan
 from segment.io import read_scan
 from segment.models import load_model
 from segment.models.sources import resolve_model
@@ -119,6 +124,25 @@ def test_nrrd_and_mha_scans_get_masks_with_their_own_geometry(tmp_path, case_pat
     expected = segment_scan(network, config, read_scan(image_path), make_runtime("cpu"))
     # bf16 arithmetic can tip a voxel whose two top classes tie; anything more is a geometry error.
     assert (sitk.GetArrayFromImage(mask).transpose(2, 1, 0) == expected).mean() > 0.999
+
+
+def test_fp32_cpu_inference_runs_onednn_convolutions_with_pytorchs_own_results(case_paths, model):
+    network, config = model
+    volume = prepare(read_scan(case_paths[0]), config).volume
+    routed = make_runtime("cpu", amp="off")
+    assert routed.onednn_convolutions
+    pytorch_choice = dataclasses.replace(routed, onednn_convolutions=False)
+    logits, kernels = {}, {}
+    for name, runtime in (("routed", routed), ("pytorch", pytorch_choice)):
+        prepared = runtime.prepare_model(copy.deepcopy(network))
+        with profile() as profiler:
+            logits[name] = predict_logits(prepared, volume, runtime)
+        kernels[name] = {event.key for event in profiler.key_averages()}
+    # PyTorch's own choice for a volume this small is its slow native kernel.
+    assert "aten::slow_conv3d_forward" in kernels["pytorch"]
+    assert "aten::slow_conv3d_forward" not in kernels["routed"]
+    assert "aten::mkldnn_convolution" in kernels["routed"]
+    torch.testing.assert_close(logits["routed"], logits["pytorch"], rtol=1e-4, atol=1e-4)
 
 
 def test_switching_skips_off_changes_the_mask(tmp_path, case_paths, model):
