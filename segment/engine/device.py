@@ -75,8 +75,8 @@ def route_convolutions_through_onednn(model: nn.Module) -> None:
 
     For an fp32 batch of one, PyTorch picks its native im2col convolution whenever
     batch x channels x the first spatial sizes is at most 20,480 (ATen's ``use_mkldnn``), which
-    is every convolution of a hippocampus volume: there oneDNN runs the default network 4.4
-    times faster (0.043 s against 0.191 s per volume on 2 cores, ``benchmarks/inference.py``).
+    is every convolution of a hippocampus volume: there oneDNN runs the bundled network 3.9
+    times faster (0.050 s against 0.192 s per volume on 2 cores, ``benchmarks/inference.py``).
     Gradients still flow: the backward pass is PyTorch's own."""
     for module in model.modules():
         if (
