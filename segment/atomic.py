@@ -19,7 +19,7 @@ def write_atomically(path: Path, write) -> None:
         with open(temporary, "rb+") as written:
             os.fsync(written.fileno())
         # mkstemp creates owner-only files; give the result the permissions a plain open() would.
-        os.chmod(temporary, 0o666 & ~_umask())
+        os.chmod(temporary, 0o666 & ~current_umask())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -32,7 +32,7 @@ def discard_unfinished(path: Path) -> None:
         leftover.unlink(missing_ok=True)
 
 
-def _umask() -> int:
+def current_umask() -> int:
     current = os.umask(0)
     os.umask(current)
     return current

@@ -374,6 +374,41 @@ def evaluate(
 
 
 @app.command()
+def ensemble(
+    models: Annotated[
+        list[str], typer.Argument(help="Two or more bundled names, MLflow model URIs or model folders.")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The new ensemble's folder.")],
+    float16: Annotated[
+        bool, typer.Option("--float16", help="Store the weights as float16: half the size on disk.")
+    ] = False,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow store for models:/ and runs:/ URIs.")
+    ] = None,
+) -> None:
+    """Join trained models of one task into an ensemble folder: it predicts the mean of their
+    softmax outputs, and --skips switches the same skips off in every member."""
+    import torch
+
+    from segment.models import ModelLoadError, UNetEnsemble, save_ensemble
+
+    if len(models) < 2:
+        fail("An ensemble needs at least two models.")
+    if output.exists():
+        fail(f"{output} already exists; give a new folder for the ensemble.")
+    require_writable(output.parent, "the ensemble")
+    members = [_load(spec, tracking_uri) for spec in models]
+    for spec, (network, _) in zip(models, members, strict=True):
+        if isinstance(network, UNetEnsemble):
+            fail(f"{spec} is an ensemble already; list its members instead.")
+    try:
+        save_ensemble(members, output, torch.float16 if float16 else None)
+    except ModelLoadError as error:
+        fail(str(error))
+    typer.echo(f"Wrote {output}: {len(members)} members; use it as --model {output}")
+
+
+@app.command()
 def report(
     experiment: Annotated[str | None, typer.Option(help="Only this experiment (task).")] = None,
     output: Annotated[Path | None, typer.Option(help="Also write the report to this Markdown file.")] = None,

@@ -253,3 +253,34 @@ def test_nsd_counts_boundary_voxels_within_the_tolerance_in_the_scans_unit(hippo
     tighter = score_case(CASE, shifted, truth, label.spacing, names, nsd_tolerance=0.5)
     assert all(within.nsd[name] > 0.9 for name in ("Anterior", "Posterior"))
     assert all(tighter.nsd[name] < within.nsd[name] - 0.2 for name in ("Anterior", "Posterior"))
+
+
+def test_segment_ensemble_joins_models_into_one_that_predicts(tmp_path, case_paths):
+    bundle = resolve_model("hippocampus_3d")
+    members = [str(bundle / "member_1"), str(bundle / "member_3")]
+    built = run_segment("ensemble", *members, "--output", "pair", cwd=tmp_path)
+    assert built.returncode == 0, built.stderr
+    predicted = run_segment(
+        "predict",
+        "--model",
+        "pair",
+        "--input",
+        str(case_paths[0]),
+        "--output",
+        "mask.nii.gz",
+        "--skips",
+        "0,1,1,1",
+        cwd=tmp_path,
+    )
+    assert predicted.returncode == 0, predicted.stderr
+    assert nib.load(tmp_path / "mask.nii.gz").shape == nib.load(case_paths[0]).shape
+    for args, expected in [
+        ((*members, "--output", "pair"), "pair already exists"),
+        ((members[0], "--output", "one"), "needs at least two models"),
+        (("hippocampus_3d", members[0], "--output", "nested"), "hippocampus_3d is an ensemble already"),
+        ((members[0], "isbi2012_2d", "--output", "mixed"), "member 2 differs from member 1 in data.task"),
+    ]:
+        refused = run_segment("ensemble", *args, cwd=tmp_path)
+        assert refused.returncode != 0 and expected in refused.stderr
+        assert "Traceback" not in refused.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.labels.json", "mask.nii.gz", "pair"]

@@ -43,7 +43,7 @@ def test_a_model_folder_whose_weights_are_a_pickle_is_refused_and_the_code_never
     marker = tmp_path / "code_ran"
     folder = tmp_path / "model"
     folder.mkdir()
-    (folder / CONFIG_FILE).write_text((bundled_models()["hippocampus_3d"] / CONFIG_FILE).read_text())
+    (folder / CONFIG_FILE).write_text((bundled_models()["isbi2012_2d"] / CONFIG_FILE).read_text())
     torch.save(CodeOnUnpickle(marker), folder / WEIGHTS_FILE)
     with pytest.raises(ModelLoadError, match="safetensors"):
         load_model(folder)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from segment.config import ExperimentConfig, ModelConfig
-from segment.models import ModelLoadError, build_model, load_model, save_model
+from segment.models import ModelLoadError, UNetEnsemble, build_model, load_model, save_ensemble, save_model
 
 
 def experiment(**model_changes) -> ExperimentConfig:
@@ -55,3 +55,86 @@ def test_weights_from_another_architecture_are_refused(tmp_path):
     )
     with pytest.raises(ModelLoadError, match="does not match the architecture"):
         load_model(tmp_path)
+
+
+def trained_like(config: ExperimentConfig, seed: int) -> torch.nn.Module:
+    """A model with weights away from their initial values (instance norm would hide a scale)."""
+    torch.manual_seed(seed)
+    model = build_model(config.model)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return model.eval()
+
+
+def test_an_ensemble_predicts_the_mean_of_its_members_softmax_with_the_skip_mask_in_each(tmp_path):
+    narrow, wide = experiment(), experiment(channels=(6, 8, 16, 24))
+    members = [(trained_like(narrow, 1), narrow), (trained_like(wide, 2), wide)]
+    save_ensemble(members, tmp_path / "pair")
+    assert sorted(p.name for p in (tmp_path / "pair").iterdir()) == ["ensemble.yaml", "member_1", "member_2"]
+    ensemble, config = load_model(tmp_path / "pair")
+    assert isinstance(ensemble, UNetEnsemble) and config == narrow and not ensemble.training
+    x = torch.randn(1, 1, 17, 23, 19)
+    with torch.no_grad():
+        for skips in (None, [0, 1, 0]):
+            expected = torch.stack([model(x, skips).softmax(1) for model, _ in members]).mean(0)
+            assert torch.allclose(ensemble(x, skips).softmax(1), expected, atol=1e-6)
+        # The viewer's path: encode once, decode per skip setting.
+        features = ensemble.encode(x)
+        assert torch.equal(ensemble.decode(features, [1, 0, 1]), ensemble(x, [1, 0, 1]))
+    with pytest.raises(ValueError, match="has 2 entries but this model has 3"):
+        ensemble(x, [1, 0])
+
+
+def test_float16_weights_halve_the_folder_and_predict_the_same_labels(tmp_path):
+    config = experiment(base_channels=8)
+    members = [(trained_like(config, seed), config) for seed in (1, 2)]
+    save_ensemble(members, tmp_path / "fp32")
+    save_ensemble(members, tmp_path / "fp16", torch.float16)
+    size = {
+        name: sum(f.stat().st_size for f in (tmp_path / name).rglob("*.safetensors"))
+        for name in ("fp32", "fp16")
+    }
+    assert size["fp16"] < 0.55 * size["fp32"]
+    full, _ = load_model(tmp_path / "fp32")
+    half, _ = load_model(tmp_path / "fp16")
+    assert all(p.dtype == torch.float32 for p in half.parameters())
+    x = torch.randn(1, 1, 24, 24, 24)
+    with torch.no_grad():
+        agreement = (full(x).argmax(1) == half(x).argmax(1)).float().mean()
+    assert agreement > 0.999
+
+
+@pytest.mark.parametrize(
+    ("change", "setting"),
+    [
+        ({"model": {"out_channels": 2}}, "model.out_channels"),
+        ({"model": {"levels": 3}}, "model.levels"),
+        ({"model": {"skips": (1, 0, 1)}}, "model.skips"),
+        ({"data": {"modality": "ct"}}, "data.modality"),
+        ({"labels": {0: "background", 1: "head", 2: "tail"}}, "labels"),
+    ],
+)
+def test_members_that_cannot_be_averaged_are_refused_by_name(tmp_path, change, setting):
+    first = experiment()
+    tree = first.model_dump()
+    for section, values in change.items():
+        tree[section] = values if section == "labels" else {**tree[section], **values}
+    second = ExperimentConfig(**tree)
+    members = [(build_model(first.model), first), (build_model(second.model), second)]
+    with pytest.raises(ModelLoadError, match=f"member 2 differs from member 1 in {setting}"):
+        save_ensemble(members, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_ensemble_listing_that_points_outside_its_folder_is_refused(tmp_path):
+    config = experiment()
+    save_model(build_model(config.model), config, tmp_path / "elsewhere")
+    save_ensemble([(build_model(config.model), config)] * 2, tmp_path / "pair")
+    (tmp_path / "pair" / "ensemble.yaml").write_text("members: [member_1, ../elsewhere]\n")
+    with pytest.raises(ModelLoadError, match="may only name folders directly inside"):
+        load_model(tmp_path / "pair")
+    (tmp_path / "pair" / "ensemble.yaml").write_text("members: member_1\n")
+    with pytest.raises(ModelLoadError, match="must list at least two member folders"):
+        load_model(tmp_path / "pair")

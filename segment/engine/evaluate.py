@@ -18,7 +18,7 @@ from segment.data.tasks import case_id
 from segment.engine.device import Runtime
 from segment.engine.predict import predict_prepared, prepare
 from segment.io import ScanError, read_scan
-from segment.models import UNet
+from segment.models import Segmenter
 
 # In the scan's spatial unit, which for clinical scans is the millimetre.
 NSD_TOLERANCE_MM = 1.0
@@ -92,7 +92,7 @@ def skip_settings(num_skips: int, full_sweep: bool = False) -> list[tuple[int, .
 
 
 def evaluate_cases(
-    model: UNet,
+    model: Segmenter,
     config: ExperimentConfig,
     cases: list[dict[str, str]],
     runtime: Runtime,

@@ -18,7 +18,7 @@ from segment.engine.evaluate import CaseScores, score_case
 from segment.engine.inference import SLICES_PER_BATCH, predict_logits
 from segment.engine.predict import PreparedScan, prepare
 from segment.io import Scan
-from segment.models import SkipMask, UNet
+from segment.models import Segmenter, SkipMask
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class SkipExplorer:
     Whole-volume models cache the encoder output once; a sliding-window model (a scan larger
     than its training window) re-runs the whole network per setting."""
 
-    def __init__(self, model: UNet, config: ExperimentConfig, scan: Scan, runtime: Runtime) -> None:
+    def __init__(self, model: Segmenter, config: ExperimentConfig, scan: Scan, runtime: Runtime) -> None:
         self.model, self.config, self.scan, self.runtime = model, config, scan, runtime
         self.prepared: PreparedScan = prepare(scan, config)
         self._features: list[list[torch.Tensor]] | None = None

@@ -6,14 +6,14 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from segment.engine.device import Runtime
-from segment.models import SkipMask, UNet
+from segment.models import Segmenter, SkipMask
 
 SLICES_PER_BATCH = 16
 
 
 @torch.no_grad()
 def predict_logits(
-    model: UNet,
+    model: Segmenter,
     volume: torch.Tensor,
     runtime: Runtime,
     roi_size: tuple[int, ...] | None = None,

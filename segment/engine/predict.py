@@ -19,7 +19,7 @@ from segment.data.transforms import IMAGE, orient_and_normalise
 from segment.engine.device import Runtime
 from segment.engine.inference import predict_logits
 from segment.io import Scan, ScanError
-from segment.models import SkipMask, UNet
+from segment.models import Segmenter, SkipMask
 
 PREDICTION = "prediction"
 
@@ -81,7 +81,7 @@ def _pad_tiny(volume: torch.Tensor, config: ExperimentConfig) -> torch.Tensor:
 
 
 def segment_scan(
-    model: UNet,
+    model: Segmenter,
     config: ExperimentConfig,
     scan: Scan,
     runtime: Runtime,
@@ -93,7 +93,7 @@ def segment_scan(
 
 
 def predict_prepared(
-    model: UNet,
+    model: Segmenter,
     config: ExperimentConfig,
     prepared: PreparedScan,
     runtime: Runtime,

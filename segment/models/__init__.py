@@ -1,6 +1,18 @@
-"""The U-Net family: plain or residual encoder, one decoder, switchable long skips."""
+"""The U-Net family: plain or residual encoder, one decoder, switchable long skips; and
+ensembles of U-Nets that predict as one."""
 
-from segment.models.serialization import ModelLoadError, load_model, save_model
+from segment.models.ensemble import Segmenter, UNetEnsemble
+from segment.models.serialization import ModelLoadError, load_model, save_ensemble, save_model
 from segment.models.unet import SkipMask, UNet, build_model
 
-__all__ = ["ModelLoadError", "SkipMask", "UNet", "build_model", "load_model", "save_model"]
+__all__ = [
+    "ModelLoadError",
+    "Segmenter",
+    "SkipMask",
+    "UNet",
+    "UNetEnsemble",
+    "build_model",
+    "load_model",
+    "save_ensemble",
+    "save_model",
+]

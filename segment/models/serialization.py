@@ -1,31 +1,49 @@
 """Saving and loading models as safetensors weights plus the experiment's YAML config.
 
 Nothing is pickled: a model directory can come from anywhere and loading it runs no code.
+An ensemble directory holds one such directory per member and an ``ensemble.yaml`` naming them.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
+import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from segment.atomic import write_atomically
+from segment.atomic import current_umask, write_atomically
 from segment.config import ConfigError, ExperimentConfig, config_to_yaml, load_config
+from segment.models.ensemble import Segmenter, UNetEnsemble, mismatch
 from segment.models.unet import UNet
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
+ENSEMBLE_FILE = "ensemble.yaml"
 
 
 class ModelLoadError(ValueError):
     """A model directory is missing, incomplete or does not match its config."""
 
 
-def save_model(model: UNet, config: ExperimentConfig, directory: str | Path) -> Path:
-    """Write ``model.safetensors`` and ``config.yaml`` into ``directory``; returns it."""
+def save_model(
+    model: UNet, config: ExperimentConfig, directory: str | Path, weights_dtype: torch.dtype | None = None
+) -> Path:
+    """Write ``model.safetensors`` and ``config.yaml`` into ``directory``; returns it.
+
+    ``weights_dtype`` (e.g. float16) stores floating-point weights in that precision; loading
+    casts them back to the model's float32."""
     directory = Path(directory)
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    state = {
+        name: (tensor.to(weights_dtype) if weights_dtype and tensor.is_floating_point() else tensor)
+        .detach()
+        .cpu()
+        .contiguous()
+        for name, tensor in model.state_dict().items()
+    }
     write_atomically(
         directory / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"name": config.name})
     )
@@ -33,9 +51,48 @@ def save_model(model: UNet, config: ExperimentConfig, directory: str | Path) -> 
     return directory
 
 
-def load_model(directory: str | Path) -> tuple[UNet, ExperimentConfig]:
-    """Build the model its config describes and load its weights; returned in eval mode."""
+def is_model_directory(directory: Path) -> bool:
+    return (directory / ENSEMBLE_FILE).is_file() or (
+        (directory / WEIGHTS_FILE).is_file() and (directory / CONFIG_FILE).is_file()
+    )
+
+
+def save_ensemble(
+    members: list[tuple[UNet, ExperimentConfig]],
+    directory: str | Path,
+    weights_dtype: torch.dtype | None = None,
+) -> Path:
+    """Write each member as a model directory (``member_1``, ...) and ``ensemble.yaml`` into
+    ``directory``, which must not exist yet: it appears whole or not at all."""
     directory = Path(directory)
+    if len(members) < 2:
+        raise ValueError("An ensemble needs at least two members.")
+    if directory.exists():
+        raise FileExistsError(f"{directory} already exists; choose a new folder for the ensemble.")
+    _check_members([config for _, config in members], directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        names = [f"member_{index}" for index in range(1, len(members) + 1)]
+        for name, (model, config) in zip(names, members, strict=True):
+            save_model(model, config, staging / name, weights_dtype)
+        (staging / ENSEMBLE_FILE).write_text(yaml.safe_dump({"members": names}))
+        # mkdtemp makes an owner-only folder; give it the permissions a plain mkdir would.
+        staging.chmod(0o777 & ~current_umask())
+        staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_model(directory: str | Path) -> tuple[Segmenter, ExperimentConfig]:
+    """Build the model its config describes and load its weights; returned in eval mode.
+
+    An ensemble directory gives a :class:`UNetEnsemble` and its first member's config."""
+    directory = Path(directory)
+    if (directory / ENSEMBLE_FILE).is_file():
+        return _load_ensemble(directory)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file() or not (directory / CONFIG_FILE).is_file():
         raise ModelLoadError(
@@ -58,3 +115,31 @@ def load_model(directory: str | Path) -> tuple[UNet, ExperimentConfig]:
             f"the weights were saved from a different model."
         ) from None
     return model.eval(), config
+
+
+def _load_ensemble(directory: Path) -> tuple[UNetEnsemble, ExperimentConfig]:
+    listing = directory / ENSEMBLE_FILE
+    try:
+        names = yaml.safe_load(listing.read_text())["members"]
+    except (yaml.YAMLError, OSError, TypeError, KeyError):
+        names = None
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
+        raise ModelLoadError(f"{listing} must list at least two member folders under 'members'.")
+    root = directory.resolve()
+    folders = [(directory / name).resolve() for name in names]
+    if any(folder.parent != root for folder in folders):
+        raise ModelLoadError(f"{listing} may only name folders directly inside {directory}.")
+    if any((folder / ENSEMBLE_FILE).exists() for folder in folders):
+        raise ModelLoadError(f"{listing} names an ensemble as a member; ensembles do not nest.")
+    loaded = [load_model(folder) for folder in folders]
+    _check_members([config for _, config in loaded], directory)
+    return UNetEnsemble([model for model, _ in loaded]).eval(), loaded[0][1]
+
+
+def _check_members(configs: list[ExperimentConfig], directory: Path) -> None:
+    for index, config in enumerate(configs[1:], start=2):
+        if (setting := mismatch(configs[0], config)) is not None:
+            raise ModelLoadError(
+                f"The members of {directory} cannot be averaged: member {index} differs from "
+                f"member 1 in {setting}."
+            )

@@ -1,14 +1,14 @@
 """Where a model comes from: a bundled name, an MLflow model URI, or a local folder.
 
-Whatever the source, what is loaded is a folder of ``model.safetensors`` + ``config.yaml``;
-nothing is unpickled and no code from the source runs.
+Whatever the source, what is loaded is a folder of ``model.safetensors`` + ``config.yaml``
+(or an ensemble of such folders); nothing is unpickled and no code from the source runs.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from segment.models.serialization import CONFIG_FILE, WEIGHTS_FILE, ModelLoadError
+from segment.models.serialization import ModelLoadError, is_model_directory
 
 PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "pretrained"
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
@@ -18,11 +18,7 @@ def bundled_models() -> dict[str, Path]:
     """Models shipped with the package, by name."""
     if not PRETRAINED_DIR.is_dir():
         return {}
-    return {
-        folder.name: folder
-        for folder in sorted(PRETRAINED_DIR.iterdir())
-        if (folder / WEIGHTS_FILE).is_file() and (folder / CONFIG_FILE).is_file()
-    }
+    return {folder.name: folder for folder in sorted(PRETRAINED_DIR.iterdir()) if is_model_directory(folder)}
 
 
 def resolve_model(spec: str, tracking_uri: str | None = None) -> Path:

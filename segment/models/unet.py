@@ -47,7 +47,9 @@ class UNet(nn.Module):
         Each level is ceil(previous / 2) in size, so odd sizes need no padding."""
         return self.encoder(x)
 
-    def decode(self, features: Sequence[torch.Tensor], skips: SkipMask = None) -> torch.Tensor | list[torch.Tensor]:
+    def decode(
+        self, features: Sequence[torch.Tensor], skips: SkipMask = None
+    ) -> torch.Tensor | list[torch.Tensor]:
         """Logits (B, out_channels, *spatial) at the input's size, with the given skips on.
 
         In training mode each enabled skip is also dropped with its skip-dropout probability,

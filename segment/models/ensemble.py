@@ -1,0 +1,74 @@
+"""Several U-Nets of one task as one segmenter: the mean of their softmax outputs (nnU-Net's
+way of ensembling). A skip mask switches the same long skips off in every member, so
+prediction, evaluation, the skip ablation and the viewer treat an ensemble like one U-Net.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from segment.config import ExperimentConfig
+from segment.models.unet import SkipMask, UNet
+
+# What members must agree on to be averaged: one way of preparing a scan, one label set, one
+# grid of outputs, one set of long skips. Width, encoder and training recipe may differ.
+SHARED_SETTINGS = {
+    "data": ("task", "modality", "ct_window", "clip_percentiles", "spacing"),
+    "model": ("spatial_dims", "in_channels", "out_channels", "levels"),
+    "trainer": ("roi_size", "sw_batch_size"),
+}
+
+
+def mismatch(first: ExperimentConfig, other: ExperimentConfig) -> str | None:
+    """The first setting two members' configs disagree on, as ``section.key``; None if none."""
+    for section, keys in SHARED_SETTINGS.items():
+        for key in keys:
+            if getattr(getattr(first, section), key) != getattr(getattr(other, section), key):
+                return f"{section}.{key}"
+    if first.label_names != other.label_names:
+        return "labels"
+    if UNet(first.model).resolve_skips(None) != UNet(other.model).resolve_skips(None):
+        return "model.skips"
+    return None
+
+
+class UNetEnsemble(nn.Module):
+    """Inference only: ``forward`` returns the log of the members' mean softmax, so its softmax
+    is that mean and its argmax is the ensemble's labels."""
+
+    def __init__(self, members: Sequence[UNet]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError("An ensemble needs at least two members.")
+        self.members = nn.ModuleList(members)
+        # Depth, dimensions and skips are shared (see SHARED_SETTINGS), so the first member's
+        # config answers for all of them.
+        self.config = members[0].config
+
+    @property
+    def num_skips(self) -> int:
+        return self.members[0].num_skips
+
+    def resolve_skips(self, skips: SkipMask) -> tuple[bool, ...]:
+        return self.members[0].resolve_skips(skips)
+
+    def encode(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Each member's encoder features, in member order."""
+        return [member.encode(x) for member in self.members]
+
+    def decode(self, features: Sequence[Sequence[torch.Tensor]], skips: SkipMask = None) -> torch.Tensor:
+        probabilities = [
+            member.decode(member_features, skips).float().softmax(dim=1)
+            for member, member_features in zip(self.members, features, strict=True)
+        ]
+        return torch.stack(probabilities).mean(dim=0).log()
+
+    def forward(self, x: torch.Tensor, skips: SkipMask = None) -> torch.Tensor:
+        return self.decode(self.encode(x), skips)
+
+
+Segmenter = UNet | UNetEnsemble
+"""What prediction, evaluation and the viewer run: one U-Net or an ensemble of them."""
