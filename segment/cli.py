@@ -120,6 +120,7 @@ def train(
     from segment.engine.device import DeviceError
     from segment.engine.train import TrainingInterrupted
     from segment.engine.train import train as run_training
+    from segment.models import ModelLoadError
     from segment.tracking import TrackingError
 
     overrides = _overrides(overrides, context)
@@ -138,7 +139,14 @@ def train(
             device=device,
             progress=not quiet,
         )
-    except (ConfigError, DataNotFoundError, CheckpointError, DeviceError, TrackingError) as error:
+    except (
+        ConfigError,
+        DataNotFoundError,
+        CheckpointError,
+        DeviceError,
+        TrackingError,
+        ModelLoadError,
+    ) as error:
         fail(str(error))
     except TrainingInterrupted as stopped:
         typer.secho(str(stopped), err=True, fg=typer.colors.YELLOW)

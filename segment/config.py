@@ -190,6 +190,15 @@ class TrainerConfig(_Section):
     amp: Literal["auto", "off"] = "auto"
     channels_last: bool = True
     seed: int = 0
+    # Start from a trained model's weights (a bundled name, MLflow URI or model folder of the
+    # same architecture) instead of a random initialisation.
+    init_from: str | None = None
+    # Knowledge distillation: a trained model of the same task (an ensemble too) whose softmax
+    # output, softened by distill_temperature, the network also learns to match; the loss adds
+    # distill_weight x temperature^2 x their KL divergence per voxel to DiceCE on the labels.
+    teacher: str | None = None
+    distill_weight: float = Field(1.0, ge=0)
+    distill_temperature: float = Field(1.0, gt=0)
 
     @field_validator("amp", mode="before")
     @classmethod

@@ -32,7 +32,8 @@ from segment.engine.checkpoint import CHECKPOINT_FILE, TrainingState, load_check
 from segment.engine.device import Runtime, make_runtime
 from segment.engine.inference import predict_logits
 from segment.engine.validation import dice_per_class, mean_dice
-from segment.models import UNet, build_model, load_model, save_model
+from segment.models import ModelLoadError, Segmenter, UNet, build_model, load_model, save_model
+from segment.models.sources import resolve_model
 
 BEST_MODEL_DIR = "best"
 
@@ -72,6 +73,53 @@ def learning_rate(config: ExperimentConfig, progress: float, step: int, warmup_s
     if config.trainer.schedule == "poly":
         return peak * (1.0 - progress) ** 0.9
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """KL divergence of the student's softmax from the teacher's, both softened by
+    ``temperature``, summed over classes and averaged over voxels, times temperature^2 so that
+    its gradient keeps its scale whatever the temperature (Hinton et al., 2015)."""
+    target = (teacher_logits.float() / temperature).softmax(dim=1)
+    log_student = (student_logits.float() / temperature).log_softmax(dim=1)
+    divergence = (target * (target.clamp_min(1e-12).log() - log_student)).sum(dim=1)
+    return temperature**2 * divergence.mean()
+
+
+def _load_trained(spec: str, what: str) -> tuple[Segmenter, ExperimentConfig]:
+    try:
+        return load_model(resolve_model(spec, mlflow.get_tracking_uri()))
+    except ModelLoadError as error:
+        raise ModelLoadError(f"{what} {spec}: {error}") from None
+
+
+def _initial_weights(model: UNet, spec: str) -> None:
+    """Copy a trained model's weights into ``model``; it must have the same architecture."""
+    source, _ = _load_trained(spec, "trainer.init_from")
+    if isinstance(source, UNet):
+        try:
+            model.load_state_dict(source.state_dict())
+            return
+        except RuntimeError:
+            pass
+    raise ModelLoadError(
+        f"trainer.init_from {spec}: its weights do not fit the model this config builds; "
+        f"give a model of the same architecture."
+    )
+
+
+def _teacher(config: ExperimentConfig, runtime: Runtime) -> Segmenter:
+    teacher, teacher_config = _load_trained(config.trainer.teacher, "trainer.teacher")
+    for setting in ("data.task", "model.spatial_dims", "model.out_channels"):
+        section, key = setting.split(".")
+        if getattr(getattr(teacher_config, section), key) != getattr(getattr(config, section), key):
+            raise ModelLoadError(
+                f"trainer.teacher {config.trainer.teacher} cannot teach this model: its {setting} differs."
+            )
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    return runtime.prepare_model(teacher).eval()
 
 
 def moving_average(model: UNet, decay: float) -> AveragedModel:
@@ -220,7 +268,11 @@ def _train(
     loader = training_loader(config, split, runtime.pin_memory, distributed.enabled)
     val_data = validation_dataset(config, split, distributed.rank, distributed.world_size)
 
-    model = runtime.prepare_model(build_model(config.model))
+    model = build_model(config.model)
+    if trainer.init_from is not None and checkpoint is None:
+        _initial_weights(model, trainer.init_from)
+    model = runtime.prepare_model(model)
+    teacher = _teacher(config, runtime) if trainer.teacher is not None else None
     optimiser = torch.optim.AdamW(model.parameters(), lr=trainer.lr, weight_decay=trainer.weight_decay)
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.needs_grad_scaler else None
     averaged = moving_average(model, trainer.ema_decay) if trainer.ema_decay is not None else None
@@ -264,6 +316,7 @@ def _train(
             model,
             averaged,
             network,
+            teacher,
             optimiser,
             scaler,
             loss_function,
@@ -313,6 +366,7 @@ class _Loop:
         model: UNet,
         averaged: AveragedModel | None,
         network,
+        teacher: Segmenter | None,
         optimiser,
         scaler,
         loss_function,
@@ -323,7 +377,7 @@ class _Loop:
         self.config, self.distributed, self.runtime, self.split = config, distributed, runtime, split
         self.loader, self.val_data = loader, val_data
         self.model, self.network, self.optimiser, self.scaler = model, network, optimiser, scaler
-        self.averaged = averaged
+        self.averaged, self.teacher = averaged, teacher
         # The weights that are validated and kept as the best model.
         self.kept_model: UNet = averaged.module if averaged is not None else model
         self.loss_function, self.state, self.run_dir, self.progress = loss_function, state, run_dir, progress
@@ -416,15 +470,21 @@ class _Loop:
             with self.runtime.autocast():
                 logits = self.network(image)
             loss = self.loss_function(logits, label)
+            if self.teacher is not None and trainer.distill_weight > 0:
+                with torch.no_grad(), self.runtime.autocast():
+                    teacher_logits = self.teacher(image)
+                # With deep supervision the full-resolution logits come first.
+                student_logits = logits[0] if isinstance(logits, list) else logits
+                loss = loss + trainer.distill_weight * distillation_loss(
+                    student_logits, teacher_logits, trainer.distill_temperature
+                )
             self.optimiser.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
                 self.scaler.unscale_(self.optimiser)
             else:
                 loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                self.model.parameters(), trainer.grad_clip or math.inf
-            )
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), trainer.grad_clip or math.inf)
             # One non-finite gradient would turn every weight into NaN for good. CPU bf16
             # convolutions produce one now and then (seen on small unpadded volumes), so such
             # a step is skipped, as the CUDA grad scaler skips its overflowing steps. Gradients
@@ -448,7 +508,9 @@ class _Loop:
         return losses, samples, skipped
 
     def _validate(self, epoch: int) -> dict[str, float]:
-        scores = dice_per_class(self.kept_model, self.val_data, self.runtime, self.config, self.split.label_names)
+        scores = dice_per_class(
+            self.kept_model, self.val_data, self.runtime, self.config, self.split.label_names
+        )
         mean = mean_dice(scores)
         self.last_dice = mean
         if mean > self.state.best_mean_dice:
