@@ -67,6 +67,11 @@ class ModelConfig(_Section):
     def num_skips(self) -> int:
         return self.levels - 1
 
+    @property
+    def built_skips(self) -> tuple[bool, ...]:
+        """One flag per long skip the model has, finest first."""
+        return tuple(bool(flag) for flag in self.skips or (1,) * self.num_skips)
+
     @model_validator(mode="after")
     def _check_shapes(self) -> ModelConfig:
         if self.channels is not None:

@@ -30,7 +30,7 @@ def mismatch(first: ExperimentConfig, other: ExperimentConfig) -> str | None:
                 return f"{section}.{key}"
     if first.label_names != other.label_names:
         return "labels"
-    if UNet(first.model).resolve_skips(None) != UNet(other.model).resolve_skips(None):
+    if first.model.built_skips != other.model.built_skips:
         return "model.skips"
     return None
 

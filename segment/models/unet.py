@@ -75,7 +75,7 @@ class UNet(nn.Module):
         """Validate a skip mask and return one bool per long skip, finest first. None means the
         skips the model was built with (``config.skips``, by default all)."""
         if skips is None:
-            return tuple(bool(flag) for flag in self.config.skips or (1,) * self.num_skips)
+            return self.config.built_skips
         flags = tuple(bool(flag) for flag in skips)
         if len(flags) != self.num_skips:
             raise ValueError(
