@@ -135,6 +135,7 @@ def test_an_ensemble_listing_that_points_outside_its_folder_is_refused(tmp_path)
     (tmp_path / "pair" / "ensemble.yaml").write_text("members: [member_1, ../elsewhere]\n")
     with pytest.raises(ModelLoadError, match="may only name folders directly inside"):
         load_model(tmp_path / "pair")
-    (tmp_path / "pair" / "ensemble.yaml").write_text("members: member_1\n")
-    with pytest.raises(ModelLoadError, match="must list at least two member folders"):
-        load_model(tmp_path / "pair")
+    for listing in (b"members: member_1\n", b"\xff\xfe not text", b"members: [member_1"):
+        (tmp_path / "pair" / "ensemble.yaml").write_bytes(listing)
+        with pytest.raises(ModelLoadError, match="must list at least two member folders"):
+            load_model(tmp_path / "pair")

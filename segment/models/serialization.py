@@ -121,7 +121,7 @@ def _load_ensemble(directory: Path) -> tuple[UNetEnsemble, ExperimentConfig]:
     listing = directory / ENSEMBLE_FILE
     try:
         names = yaml.safe_load(listing.read_text())["members"]
-    except (yaml.YAMLError, OSError, TypeError, KeyError):
+    except (yaml.YAMLError, UnicodeDecodeError, OSError, TypeError, KeyError):
         names = None
     if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
         raise ModelLoadError(f"{listing} must list at least two member folders under 'members'.")
