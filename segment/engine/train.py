@@ -33,9 +33,12 @@ from segment.engine.device import Runtime, make_runtime
 from segment.engine.inference import predict_logits
 from segment.engine.validation import dice_per_class, mean_dice
 from segment.models import ModelLoadError, Segmenter, UNet, build_model, load_model, save_model
+from segment.models.ensemble import first_difference
 from segment.models.sources import resolve_model
 
 BEST_MODEL_DIR = "best"
+# What a teacher must share with the network it teaches: one output per voxel of the same labels.
+TEACHER_SETTINGS = {"data": ("task",), "model": ("spatial_dims", "out_channels")}
 
 
 @dataclass(frozen=True)
@@ -111,12 +114,11 @@ def _initial_weights(model: UNet, spec: str) -> None:
 
 def _teacher(config: ExperimentConfig, runtime: Runtime) -> Segmenter:
     teacher, teacher_config = _load_trained(config.trainer.teacher, "trainer.teacher")
-    for setting in ("data.task", "model.spatial_dims", "model.out_channels"):
-        section, key = setting.split(".")
-        if getattr(getattr(teacher_config, section), key) != getattr(getattr(config, section), key):
-            raise ModelLoadError(
-                f"trainer.teacher {config.trainer.teacher} cannot teach this model: its {setting} differs."
-            )
+    setting = first_difference(config, teacher_config, TEACHER_SETTINGS)
+    if setting is not None:
+        raise ModelLoadError(
+            f"trainer.teacher {config.trainer.teacher} cannot teach this model: its {setting} differs."
+        )
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
     return runtime.prepare_model(teacher).eval()

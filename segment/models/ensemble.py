@@ -22,12 +22,21 @@ SHARED_SETTINGS = {
 }
 
 
-def mismatch(first: ExperimentConfig, other: ExperimentConfig) -> str | None:
-    """The first setting two members' configs disagree on, as ``section.key``; None if none."""
-    for section, keys in SHARED_SETTINGS.items():
+def first_difference(
+    first: ExperimentConfig, other: ExperimentConfig, settings: dict[str, tuple[str, ...]]
+) -> str | None:
+    """The first of ``settings`` (section -> keys) two configs disagree on, as ``section.key``."""
+    for section, keys in settings.items():
         for key in keys:
             if getattr(getattr(first, section), key) != getattr(getattr(other, section), key):
                 return f"{section}.{key}"
+    return None
+
+
+def mismatch(first: ExperimentConfig, other: ExperimentConfig) -> str | None:
+    """The first setting two members' configs disagree on, as ``section.key``; None if none."""
+    if (setting := first_difference(first, other, SHARED_SETTINGS)) is not None:
+        return setting
     if first.label_names != other.label_names:
         return "labels"
     if first.model.built_skips != other.model.built_skips:
