@@ -417,6 +417,34 @@ def ensemble(
 
 
 @app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="A bundled name, MLflow model URI or model folder.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The new model folder.")],
+    float16: Annotated[
+        bool, typer.Option("--float16", help="Store the weights as float16: half the size on disk.")
+    ] = False,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow store for models:/ and runs:/ URIs.")
+    ] = None,
+) -> None:
+    """Copy a model, or an ensemble, into a folder of its own (weights and config, nothing
+    else), to ship it or use it without the MLflow store."""
+    import torch
+
+    from segment.models import ModelLoadError, export_model
+    from segment.models.sources import resolve_model
+
+    if output.exists():
+        fail(f"{output} already exists; give a new folder for the model.")
+    require_writable(output.parent, "the model")
+    try:
+        export_model(resolve_model(model, tracking_uri), output, torch.float16 if float16 else None)
+    except ModelLoadError as error:
+        fail(str(error))
+    typer.echo(f"Wrote {output}; use it as --model {output}")
+
+
+@app.command()
 def report(
     experiment: Annotated[str | None, typer.Option(help="Only this experiment (task).")] = None,
     output: Annotated[Path | None, typer.Option(help="Also write the report to this Markdown file.")] = None,

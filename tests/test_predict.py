@@ -284,3 +284,27 @@ def test_segment_ensemble_joins_models_into_one_that_predicts(tmp_path, case_pat
         assert refused.returncode != 0 and expected in refused.stderr
         assert "Traceback" not in refused.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.labels.json", "mask.nii.gz", "pair"]
+
+
+def test_segment_export_writes_a_standalone_copy_that_predicts_the_same_mask(tmp_path, case_paths):
+    member = str(resolve_model("hippocampus_3d") / "member_3")
+    exported = run_segment("export", member, "--float16", "--output", "copy", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == ["config.yaml", "model.safetensors"]
+    for source, mask in ((member, "original.nii.gz"), ("copy", "copy.nii.gz")):
+        predicted = run_segment(
+            "predict", "--model", source, "--input", str(case_paths[0]), "--output", mask, cwd=tmp_path
+        )
+        assert predicted.returncode == 0, predicted.stderr
+    assert np.array_equal(
+        np.asarray(nib.load(tmp_path / "copy.nii.gz").dataobj),
+        np.asarray(nib.load(tmp_path / "original.nii.gz").dataobj),
+    )
+    for args, expected in [
+        ((member, "--output", "copy"), "copy already exists"),
+        ((str(tmp_path), "--output", "broken"), "is not a model directory"),
+    ]:
+        refused = run_segment("export", *args, cwd=tmp_path)
+        assert refused.returncode != 0 and expected in refused.stderr
+        assert "Traceback" not in refused.stderr
+    assert not (tmp_path / "broken").exists()

@@ -4,7 +4,16 @@ import pytest
 import torch
 
 from segment.config import ExperimentConfig, ModelConfig
-from segment.models import ModelLoadError, UNetEnsemble, build_model, load_model, save_ensemble, save_model
+from segment.models import (
+    ModelLoadError,
+    UNetEnsemble,
+    build_model,
+    export_model,
+    load_model,
+    save_ensemble,
+    save_model,
+)
+from segment.models.serialization import load_members
 
 
 def experiment(**model_changes) -> ExperimentConfig:
@@ -103,6 +112,33 @@ def test_float16_weights_halve_the_folder_and_predict_the_same_labels(tmp_path):
     with torch.no_grad():
         agreement = (full(x).argmax(1) == half(x).argmax(1)).float().mean()
     assert agreement > 0.999
+
+
+def test_export_copies_a_model_or_an_ensemble_with_every_members_own_config(tmp_path):
+    config = experiment(base_channels=8)
+    other = config.model_copy(update={"trainer": config.trainer.model_copy(update={"lr": 0.01})})
+    save_model(trained_like(config, 1), config, tmp_path / "single")
+    save_ensemble([(trained_like(config, 1), config), (trained_like(other, 2), other)], tmp_path / "pair")
+    export_model(tmp_path / "single", tmp_path / "single_copy")
+    export_model(tmp_path / "pair", tmp_path / "pair_fp16", torch.float16)
+    x = torch.randn(1, 1, 24, 24, 24)
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "single_copy")[0](x), load_model(tmp_path / "single")[0](x))
+        agreement = load_model(tmp_path / "pair_fp16")[0](x).argmax(1) == load_model(tmp_path / "pair")[0](
+            x
+        ).argmax(1)
+    assert agreement.float().mean() > 0.999
+    assert [c.trainer.lr for _, c in load_members(tmp_path / "pair_fp16")] == [config.trainer.lr, 0.01]
+    weights = {
+        name: (tmp_path / name / "member_2" / "model.safetensors").stat().st_size
+        for name in ("pair", "pair_fp16")
+    }
+    assert weights["pair_fp16"] < 0.55 * weights["pair"]
+    with pytest.raises(FileExistsError, match="already exists"):
+        export_model(tmp_path / "single", tmp_path / "pair")
+    with pytest.raises(ModelLoadError, match="is not a model directory"):
+        export_model(tmp_path / "nothing_here", tmp_path / "never")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pair", "pair_fp16", "single", "single_copy"]
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,13 @@
 ensembles of U-Nets that predict as one."""
 
 from segment.models.ensemble import Segmenter, UNetEnsemble
-from segment.models.serialization import ModelLoadError, load_model, save_ensemble, save_model
+from segment.models.serialization import (
+    ModelLoadError,
+    export_model,
+    load_model,
+    save_ensemble,
+    save_model,
+)
 from segment.models.unet import SkipMask, UNet, build_model
 
 __all__ = [
@@ -12,6 +18,7 @@ __all__ = [
     "UNet",
     "UNetEnsemble",
     "build_model",
+    "export_model",
     "load_model",
     "save_ensemble",
     "save_model",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -67,32 +69,80 @@ def save_ensemble(
     directory = Path(directory)
     if len(members) < 2:
         raise ValueError("An ensemble needs at least two members.")
-    if directory.exists():
-        raise FileExistsError(f"{directory} already exists; choose a new folder for the ensemble.")
     _check_members([config for _, config in members], directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with _staged(directory) as staging:
         names = [f"member_{index}" for index in range(1, len(members) + 1)]
         for name, (model, config) in zip(names, members, strict=True):
             save_model(model, config, staging / name, weights_dtype)
         (staging / ENSEMBLE_FILE).write_text(yaml.safe_dump({"members": names}))
+    return directory
+
+
+def export_model(source: str | Path, directory: str | Path, weights_dtype: torch.dtype | None = None) -> Path:
+    """Copy the model (or ensemble) in ``source`` into ``directory``, which must not exist yet,
+    re-saving its weights in ``weights_dtype`` when given; only the model's files go across."""
+    members = load_members(source)
+    if len(members) > 1:
+        return save_ensemble(members, directory, weights_dtype)
+    directory = Path(directory)
+    with _staged(directory) as staging:
+        save_model(*members[0], staging, weights_dtype)
+    return directory
+
+
+@contextmanager
+def _staged(directory: Path) -> Iterator[Path]:
+    """An empty folder beside ``directory`` that is renamed to it once filled, so that the new
+    folder appears whole or not at all."""
+    if directory.exists():
+        raise FileExistsError(f"{directory} already exists; choose a new folder.")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        yield staging
         # mkdtemp makes an owner-only folder; give it the permissions a plain mkdir would.
         staging.chmod(0o777 & ~current_umask())
         staging.rename(directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return directory
 
 
 def load_model(directory: str | Path) -> tuple[Segmenter, ExperimentConfig]:
     """Build the model its config describes and load its weights; returned in eval mode.
 
     An ensemble directory gives a :class:`UNetEnsemble` and its first member's config."""
+    members = load_members(directory)
+    if len(members) == 1:
+        return members[0]
+    return UNetEnsemble([model for model, _ in members]).eval(), members[0][1]
+
+
+def load_members(directory: str | Path) -> list[tuple[UNet, ExperimentConfig]]:
+    """Each member of an ensemble directory with its own config (its training recipe); a plain
+    model directory is its own single member."""
     directory = Path(directory)
-    if (directory / ENSEMBLE_FILE).is_file():
-        return _load_ensemble(directory)
+    if not (directory / ENSEMBLE_FILE).is_file():
+        return [_load_single(directory)]
+    listing = directory / ENSEMBLE_FILE
+    try:
+        names = yaml.safe_load(listing.read_text())["members"]
+    except (yaml.YAMLError, UnicodeDecodeError, OSError, TypeError, KeyError):
+        names = None
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
+        raise ModelLoadError(f"{listing} must list at least two member folders under 'members'.")
+    root = directory.resolve()
+    folders = [(directory / name).resolve() for name in names]
+    if any(folder.parent != root for folder in folders):
+        raise ModelLoadError(f"{listing} may only name folders directly inside {directory}.")
+    if any((folder / ENSEMBLE_FILE).exists() for folder in folders):
+        raise ModelLoadError(f"{listing} names an ensemble as a member; ensembles do not nest.")
+    members = [_load_single(folder) for folder in folders]
+    _check_members([config for _, config in members], directory)
+    return members
+
+
+def _load_single(directory: Path) -> tuple[UNet, ExperimentConfig]:
     weights = directory / WEIGHTS_FILE
     if not weights.is_file() or not (directory / CONFIG_FILE).is_file():
         raise ModelLoadError(
@@ -115,25 +165,6 @@ def load_model(directory: str | Path) -> tuple[Segmenter, ExperimentConfig]:
             f"the weights were saved from a different model."
         ) from None
     return model.eval(), config
-
-
-def _load_ensemble(directory: Path) -> tuple[UNetEnsemble, ExperimentConfig]:
-    listing = directory / ENSEMBLE_FILE
-    try:
-        names = yaml.safe_load(listing.read_text())["members"]
-    except (yaml.YAMLError, UnicodeDecodeError, OSError, TypeError, KeyError):
-        names = None
-    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
-        raise ModelLoadError(f"{listing} must list at least two member folders under 'members'.")
-    root = directory.resolve()
-    folders = [(directory / name).resolve() for name in names]
-    if any(folder.parent != root for folder in folders):
-        raise ModelLoadError(f"{listing} may only name folders directly inside {directory}.")
-    if any((folder / ENSEMBLE_FILE).exists() for folder in folders):
-        raise ModelLoadError(f"{listing} names an ensemble as a member; ensembles do not nest.")
-    loaded = [load_model(folder) for folder in folders]
-    _check_members([config for _, config in loaded], directory)
-    return UNetEnsemble([model for model, _ in loaded]).eval(), loaded[0][1]
 
 
 def _check_members(configs: list[ExperimentConfig], directory: Path) -> None:
