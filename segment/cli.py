@@ -201,6 +201,10 @@ ModelOption = Annotated[
     ),
 ]
 DeviceOption = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
+ModelStoreOption = Annotated[str | None, typer.Option(help="MLflow store for models:/ and runs:/ URIs.")]
+Float16Option = Annotated[
+    bool, typer.Option("--float16", help="Store the weights as float16: half the size on disk.")
+]
 
 
 def _parse_skips(text: str | None) -> tuple[int, ...] | None:
@@ -238,9 +242,7 @@ def predict(
         str | None, typer.Option(help="Long skips on (1) or off (0), finest first, e.g. 1,1,0,1.")
     ] = None,
     device: DeviceOption = "auto",
-    tracking_uri: Annotated[
-        str | None, typer.Option(help="MLflow store for models:/ and runs:/ URIs.")
-    ] = None,
+    tracking_uri: ModelStoreOption = None,
 ) -> None:
     """Segment scans: integer label masks with the input's shape, affine and orientation."""
     from segment.engine.device import DeviceError, make_runtime
@@ -320,9 +322,7 @@ def evaluate(
         ),
     ] = 1.0,
     device: DeviceOption = "auto",
-    tracking_uri: Annotated[
-        str | None, typer.Option(help="MLflow store for models:/ and runs:/ URIs.")
-    ] = None,
+    tracking_uri: ModelStoreOption = None,
 ) -> None:
     """Dice, HD95 (mm), NSD (1 mm) and volume per label; optionally the skip ablation."""
     import json
@@ -387,12 +387,8 @@ def ensemble(
         list[str], typer.Argument(help="Two or more bundled names, MLflow model URIs or model folders.")
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="The new ensemble's folder.")],
-    float16: Annotated[
-        bool, typer.Option("--float16", help="Store the weights as float16: half the size on disk.")
-    ] = False,
-    tracking_uri: Annotated[
-        str | None, typer.Option(help="MLflow store for models:/ and runs:/ URIs.")
-    ] = None,
+    float16: Float16Option = False,
+    tracking_uri: ModelStoreOption = None,
 ) -> None:
     """Join trained models of one task into an ensemble folder: it predicts the mean of their
     softmax outputs, and --skips switches the same skips off in every member."""
@@ -420,12 +416,8 @@ def ensemble(
 def export(
     model: Annotated[str, typer.Argument(help="A bundled name, MLflow model URI or model folder.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The new model folder.")],
-    float16: Annotated[
-        bool, typer.Option("--float16", help="Store the weights as float16: half the size on disk.")
-    ] = False,
-    tracking_uri: Annotated[
-        str | None, typer.Option(help="MLflow store for models:/ and runs:/ URIs.")
-    ] = None,
+    float16: Float16Option = False,
+    tracking_uri: ModelStoreOption = None,
 ) -> None:
     """Copy a model, or an ensemble, into a folder of its own (weights and config, nothing
     else), to ship it or use it without the MLflow store."""
