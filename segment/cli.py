@@ -219,14 +219,20 @@ def _parse_skips(text: str | None) -> tuple[int, ...] | None:
     return flags
 
 
-def _load(spec: str, tracking_uri: str | None):
-    from segment.models import ModelLoadError, load_model
+def _load_members(spec: str, tracking_uri: str | None):
+    from segment.models import ModelLoadError, load_members
     from segment.models.sources import resolve_model
 
     try:
-        return load_model(resolve_model(spec, tracking_uri))
+        return load_members(resolve_model(spec, tracking_uri))
     except ModelLoadError as error:
         fail(str(error))
+
+
+def _load(spec: str, tracking_uri: str | None):
+    from segment.models import as_segmenter
+
+    return as_segmenter(_load_members(spec, tracking_uri))
 
 
 @app.command()
@@ -332,6 +338,7 @@ def evaluate(
     from segment.engine.device import DeviceError, make_runtime
     from segment.engine.evaluate import evaluate_cases, evaluation_report, skip_settings
     from segment.io import ScanError
+    from segment.models import as_segmenter, split_mismatch
     from segment.models.sources import MLFLOW_SCHEMES
 
     if split not in ("all", "val"):
@@ -342,13 +349,19 @@ def evaluate(
         if not json_path.parent.is_dir():
             fail(f"Cannot write {json_path}: the folder {json_path.parent} does not exist.")
         require_writable(json_path.parent, "the JSON report")
-    network, config = _load(model, tracking_uri)
+    members = _load_members(model, tracking_uri)
+    if split == "val" and (setting := split_mismatch([member_config for _, member_config in members])):
+        fail(
+            f"--split val: the members of {model} were validated on different cases ({setting} "
+            "differs), so each trained on cases another validates on; use --split all on held-out data."
+        )
+    network, config = as_segmenter(members)
     # The model's own data settings, so that --split val is exactly the split it trained on.
     data_config = config.data.model_copy(update={"task": data.name})
     try:
         runtime = make_runtime(device, config.trainer.amp, config.trainer.channels_last)
         task = split_task(data_config, data.parent, download=False)
-    except (DeviceError, DataNotFoundError) as error:
+    except (DeviceError, DataNotFoundError, ConfigError) as error:
         fail(str(error))
     cases = task.val if split == "val" else sorted(task.train + task.val, key=lambda case: case["image"])
     cases = cases[:max_cases] if max_cases else cases

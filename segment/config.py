@@ -138,6 +138,11 @@ class DataConfig(_Section):
     patches_per_volume: int = Field(2, ge=1)
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     split_seed: int = 0
+    # Cross-validation (nnU-Net's five folds): the shuffled cases are cut into this many folds
+    # and fold `fold` (0-based) is the validation split, so runs of folds 0..folds-1 together
+    # validate on every case once. None draws val_fraction of the cases instead.
+    folds: int | None = Field(None, ge=2)
+    fold: int = Field(0, ge=0)
     # Use only the first N cases of the task (after sorting): quick experiments and tests.
     max_cases: int | None = Field(None, ge=2)
     cache_rate: float = Field(1.0, ge=0.0, le=1.0)
@@ -159,10 +164,16 @@ class DataConfig(_Section):
     flip_axes: tuple[int, ...] = (0,)
 
     @model_validator(mode="after")
-    def _check_scale_range(self) -> DataConfig:
+    def _check_ranges(self) -> DataConfig:
         low, high = self.scale_range
         if not 0 < low <= high:
             raise ValueError(f"scale_range must be two factors with 0 < low <= high, got {[low, high]}")
+        if self.fold and self.folds is None:
+            raise ValueError("fold is set but folds is not; give data.folds too, e.g. data.folds=5")
+        if self.folds is not None and self.fold >= self.folds:
+            raise ValueError(
+                f"fold must be one of 0..{self.folds - 1} with {self.folds} folds, got {self.fold}"
+            )
         return self
 
 

@@ -358,6 +358,29 @@ def test_evaluate_scores_the_same_small_task_when_nothing_is_changed(tmp_path, m
     assert json.loads((tmp_path / "report.json").read_text())["cases"] == 2
 
 
+def test_evaluate_refuses_the_val_split_of_an_ensemble_whose_members_validated_on_different_cases(
+    tmp_path, monkeypatch, hippocampus_root
+):
+    """Fold models joined into one ensemble: each trained on cases another validates on."""
+    from segment.models import load_members, save_ensemble
+    from segment.models.sources import resolve_model
+
+    _, second, third = load_members(resolve_model(MODEL))
+    other_fold = third[1].model_copy(update={"data": third[1].data.model_copy(update={"folds": 5, "fold": 1})})
+    save_ensemble([second, (third[0], other_fold)], tmp_path / "folds")
+    task = small_task(tmp_path, hippocampus_root)
+    monkeypatch.chdir(tmp_path)
+    command = ["evaluate", "--model", str(tmp_path / "folds"), "--data", str(task), "--json", "report.json"]
+    refused = CliRunner().invoke(app, [*command, "--split", "val"])
+    assert refused.exit_code == 2
+    [line] = error_lines(refused)
+    assert "were validated on different cases (data.folds differs)" in line, line
+    assert not (tmp_path / "report.json").exists()
+    scored = CliRunner().invoke(app, [*command, "--split", "all"])
+    assert scored.exit_code == 0, scored.output
+    assert json.loads((tmp_path / "report.json").read_text())["cases"] == 2
+
+
 # --- read_scan under fuzzing ------------------------------------------------------------------
 
 

@@ -49,6 +49,8 @@ def test_channels_default_to_base_channels_doubled_per_level():
         ("data.flip_axes=[3]", "data.flip_axes must name spatial axes 0..2"),
         ("data.scale_range=[1.2,0.8]", r"data: scale_range must be two factors with 0 < low <= high"),
         ("data.intensity_augment=heavy", r"data\.intensity_augment: Input should be 'basic' or 'nnunet'"),
+        ("data.fold=1", "fold is set but folds is not; give data.folds too"),
+        ("data.folds=1", "data.folds: Input should be greater than or equal to 2"),
     ],
 )
 def test_bad_config_fails_with_one_sentence_naming_the_problem(override, expected):
@@ -57,6 +59,11 @@ def test_bad_config_fails_with_one_sentence_naming_the_problem(override, expecte
     message = str(caught.value)
     assert "\n" not in message
     assert message.endswith(".")
+
+
+def test_a_fold_beyond_the_folds_is_refused_naming_the_range():
+    with pytest.raises(ConfigError, match=r"fold must be one of 0\.\.4 with 5 folds, got 5"):
+        load_config(DEFAULT, ["data.folds=5", "data.fold=5"])
 
 
 def test_missing_and_malformed_files_are_reported(tmp_path):

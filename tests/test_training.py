@@ -23,7 +23,7 @@ from conftest import (
 )
 from mlflow import MlflowClient
 
-from segment.config import load_config
+from segment.config import ConfigError, load_config
 from segment.engine.checkpoint import load_checkpoint
 from segment.engine.train import train
 from segment.models import UNet, load_model
@@ -103,6 +103,28 @@ def test_the_same_split_and_fingerprint_for_the_same_seed(tmp_path, hippocampus_
     assert first.as_record() == again.as_record()
     other = split_task(config.model_copy(update={"split_seed": 1}), hippocampus_root)
     assert other.fingerprint != first.fingerprint
+
+
+def test_cross_validation_folds_validate_on_every_case_exactly_once(hippocampus_root):
+    from segment.data.tasks import split_task
+
+    config = load_config(CONFIG, ["data.max_cases=23", "data.folds=5"]).data
+    splits = [split_task(config.model_copy(update={"fold": fold}), hippocampus_root) for fold in range(5)]
+    records = [split.as_record() for split in splits]
+    every_case = set(records[0]["train"]) | set(records[0]["val"])
+    validated = [case for record in records for case in record["val"]]
+    assert sorted(validated) == sorted(every_case) and len(every_case) == 23
+    for record in records:
+        assert len(record["val"]) in (4, 5)
+        assert set(record["train"]) == every_case - set(record["val"])
+
+
+def test_more_folds_than_cases_is_refused_in_one_sentence(hippocampus_root):
+    from segment.data.tasks import split_task
+
+    config = load_config(CONFIG, ["data.max_cases=3", "data.folds=5"]).data
+    with pytest.raises(ConfigError, match=r"data\.folds=5 needs at least 5 labelled cases, but .* has 3"):
+        split_task(config, hippocampus_root)
 
 
 def test_an_interrupted_run_resumes_in_the_same_mlflow_run(tmp_path, hippocampus_root):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from monai.data import load_decathlon_datalist
 
-from segment.config import DataConfig
+from segment.config import ConfigError, DataConfig
 from segment.data.msd import TASKS, DataNotFoundError, fetch_task
 
 DATA_ROOT_VARIABLE = "SEGMENT_DATA_ROOT"
@@ -86,7 +86,8 @@ def label_names(task_folder: Path) -> dict[int, str]:
 
 
 def split_task(config: DataConfig, data_root: Path, download: bool = True) -> TaskSplit:
-    """List the labelled cases of the task and split them by ``config.split_seed``."""
+    """List the labelled cases of the task and split them by ``config.split_seed``: a fraction
+    of them, or one fold of ``config.folds``."""
     folder = locate_task(config.task, data_root, download)
     cases = load_decathlon_datalist(
         str(folder / "dataset.json"), is_segmentation=True, data_list_key="training", base_dir=str(folder)
@@ -102,7 +103,16 @@ def split_task(config: DataConfig, data_root: Path, download: bool = True) -> Ta
         )
     shuffled = cases[:]
     random.Random(config.split_seed).shuffle(shuffled)
-    val_count = max(1, round(len(cases) * config.val_fraction))
-    val = sorted(shuffled[:val_count], key=lambda case: case["image"])
-    train = sorted(shuffled[val_count:], key=lambda case: case["image"])
+    if config.folds is None:
+        start, stop = 0, max(1, round(len(cases) * config.val_fraction))
+    elif len(cases) < config.folds:
+        raise ConfigError(
+            f"data.folds={config.folds} needs at least {config.folds} labelled cases, but {folder.name} "
+            f"has {len(cases)}; lower data.folds."
+        )
+    else:
+        # Fold k is the k-th of `folds` contiguous, near-equal runs of the shuffled cases.
+        start, stop = (len(cases) * k // config.folds for k in (config.fold, config.fold + 1))
+    val = sorted(shuffled[start:stop], key=lambda case: case["image"])
+    train = sorted(shuffled[:start] + shuffled[stop:], key=lambda case: case["image"])
     return TaskSplit(folder, label_names(folder), train, val)

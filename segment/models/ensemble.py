@@ -22,6 +22,12 @@ SHARED_SETTINGS = {
 }
 
 
+# What picks a model's validation cases. Members that disagree on it (the folds of a
+# cross-validation) have each trained on cases another member validates on, so their ensemble
+# has no held-out split of its own.
+SPLIT_SETTINGS = {"data": ("val_fraction", "split_seed", "folds", "fold", "max_cases")}
+
+
 def first_difference(
     first: ExperimentConfig, other: ExperimentConfig, settings: dict[str, tuple[str, ...]]
 ) -> str | None:
@@ -41,6 +47,14 @@ def mismatch(first: ExperimentConfig, other: ExperimentConfig) -> str | None:
         return "labels"
     if first.model.built_skips != other.model.built_skips:
         return "model.skips"
+    return None
+
+
+def split_mismatch(configs: Sequence[ExperimentConfig]) -> str | None:
+    """The first setting that gives members different validation cases, as ``section.key``."""
+    for other in configs[1:]:
+        if (setting := first_difference(configs[0], other, SPLIT_SETTINGS)) is not None:
+            return setting
     return None
 
 

@@ -112,7 +112,11 @@ def load_model(directory: str | Path) -> tuple[Segmenter, ExperimentConfig]:
     """Build the model its config describes and load its weights; returned in eval mode.
 
     An ensemble directory gives a :class:`UNetEnsemble` and its first member's config."""
-    members = load_members(directory)
+    return as_segmenter(load_members(directory))
+
+
+def as_segmenter(members: list[tuple[UNet, ExperimentConfig]]) -> tuple[Segmenter, ExperimentConfig]:
+    """The one member, or the ensemble of several with its first member's config."""
     if len(members) == 1:
         return members[0]
     return UNetEnsemble([model for model, _ in members]).eval(), members[0][1]
