@@ -19,7 +19,7 @@ from segment.engine.evaluate import mean_scores, score_case
 from segment.engine.inference import predict_logits
 from segment.engine.predict import prepare
 from segment.io import read_scan
-from segment.models import load_model
+from segment.models import load_model, split_mismatch
 from segment.models.sources import resolve_model
 
 ENSEMBLE = "mean of softmax"
@@ -32,6 +32,10 @@ def main() -> None:
     args = parser.parse_args()
     loaded = [load_model(resolve_model(spec)) for spec in args.models]
     config = loaded[0][1]
+    if (setting := split_mismatch([model_config for _, model_config in loaded])) is not None:
+        parser.error(
+            f"the models were validated on different cases ({setting} differs): none is held out from all"
+        )
     runtime = make_runtime("cpu", config.trainer.amp, config.trainer.channels_last)
     networks = [runtime.prepare_model(network) for network, _ in loaded]
     task = split_task(config.data, resolve_data_root(args.data_root), download=False)
