@@ -19,7 +19,7 @@ from segment.engine.evaluate import mean_scores, score_case
 from segment.engine.inference import predict_logits
 from segment.engine.predict import prepare
 from segment.io import read_scan
-from segment.models import load_model, split_mismatch
+from segment.models import as_segmenter, load_members, split_mismatch
 from segment.models.sources import resolve_model
 
 ENSEMBLE = "mean of softmax"
@@ -30,12 +30,15 @@ def main() -> None:
     parser.add_argument("models", nargs="+", help="bundled names, MLflow URIs or model directories")
     parser.add_argument("--data-root", help="holds Task04_Hippocampus (default: SEGMENT_DATA_ROOT)")
     args = parser.parse_args()
-    loaded = [load_model(resolve_model(spec)) for spec in args.models]
-    config = loaded[0][1]
-    if (setting := split_mismatch([model_config for _, model_config in loaded])) is not None:
+    members_per_model = [load_members(resolve_model(spec)) for spec in args.models]
+    # Every member counts: an ensemble argument may join folds that validated on different cases.
+    member_configs = [member_config for members in members_per_model for _, member_config in members]
+    if (setting := split_mismatch(member_configs)) is not None:
         parser.error(
             f"the models were validated on different cases ({setting} differs): none is held out from all"
         )
+    loaded = [as_segmenter(members) for members in members_per_model]
+    config = loaded[0][1]
     runtime = make_runtime("cpu", config.trainer.amp, config.trainer.channels_last)
     networks = [runtime.prepare_model(network) for network, _ in loaded]
     task = split_task(config.data, resolve_data_root(args.data_root), download=False)
