@@ -190,6 +190,21 @@ def runs(
             f"{row['run_id']:32}  {row['experiment'][:20]:20}  {(row['name'] or '')[:24]:24}  {row['status']:8}  "
             f"{row['epochs']:>6}  {dice:>9}  {minutes:>7}  {row['device']}"
         )
+    validations = tracking.cross_validations(experiment)
+    if validations:
+        typer.echo("\nCross-validations: each fold's best validation Dice, averaged over the finished folds")
+    for cv in validations:
+        per_label = " / ".join(f"{label} {value:.4f}" for label, value in cv["dice"].items())
+        missing = sorted(set(range(cv["folds"])) - set(cv["done"]))
+        unfinished = f" ({', '.join(map(str, missing))} not finished)" if missing else ""
+        done = ", ".join(map(str, cv["done"]))
+        typer.echo(
+            f"{cv['name']} ({cv['experiment']}), folds {done} of {cv['folds']}{unfinished}: "
+            f"{cv['mean_dice']:.4f} ({per_label})"
+        )
+        if cv["settings"]:
+            typer.echo(f"  recipe: {cv['settings']}")
+        typer.echo(f"  runs: {' '.join(cv['run_ids'])}")
 
 
 ModelOption = Annotated[

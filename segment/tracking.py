@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -152,9 +153,8 @@ def metric_histories(run_id: str, keys: list[str]) -> dict[str, list[tuple[int, 
     }
 
 
-def list_runs(experiment: str | None = None) -> list[dict[str, Any]]:
-    """Runs of one experiment (task), or of all, newest first, with their key metrics."""
-    client = MlflowClient()
+def _search_runs(client: MlflowClient, experiment: str | None) -> tuple[list, dict[str, str]]:
+    """Runs of one experiment (task), or of all, newest first, and the experiments' names by id."""
     experiments = client.search_experiments()
     if experiment is not None:
         experiments = [e for e in experiments if e.name == experiment]
@@ -162,9 +162,14 @@ def list_runs(experiment: str | None = None) -> list[dict[str, Any]]:
             names = ", ".join(e.name for e in client.search_experiments()) or "none yet"
             raise TrackingError(f"There is no experiment named {experiment!r}; experiments: {names}.")
     if not experiments:
-        return []
+        return [], {}
     runs = client.search_runs([e.experiment_id for e in experiments], order_by=["attributes.start_time DESC"])
-    names = {e.experiment_id: e.name for e in experiments}
+    return runs, {e.experiment_id: e.name for e in experiments}
+
+
+def list_runs(experiment: str | None = None) -> list[dict[str, Any]]:
+    """Runs of one experiment (task), or of all, newest first, with their key metrics."""
+    runs, names = _search_runs(MlflowClient(), experiment)
     return [
         {
             "run_id": run.info.run_id,
@@ -178,6 +183,71 @@ def list_runs(experiment: str | None = None) -> list[dict[str, Any]]:
         }
         for run in runs
     ]
+
+
+def cross_validations(experiment: str | None = None) -> list[dict[str, Any]]:
+    """Finished runs of ``data.folds`` cross-validations, grouped by recipe (every parameter
+    but ``data.fold``), newest group first. Each group gives the mean over its folds of each
+    run's best validation Dice, overall and per label at that run's best epoch, as nnU-Net
+    summarises its folds; a fold run more than once counts with its newest run. ``settings``
+    names what tells a group apart from other groups of the same config."""
+    client = MlflowClient()
+    runs, names = _search_runs(client, experiment)
+    groups: dict[tuple, dict[int, Any]] = {}
+    for run in runs:
+        params = run.data.params
+        finished = run.info.status == "FINISHED" and "best_val_mean_dice" in run.data.metrics
+        if not finished or params.get("data.folds", "None") == "None":
+            continue
+        recipe = tuple(sorted((key, value) for key, value in params.items() if key != "data.fold"))
+        group = groups.setdefault((names[run.info.experiment_id], recipe), {})
+        group.setdefault(int(params["data.fold"]), run)
+    summaries = []
+    for (task, recipe), folds in groups.items():
+        params = dict(recipe)
+        rivals = [dict(other) for _, other in groups if other != recipe]
+        varying = {
+            key
+            for other in rivals
+            if other["name"] == params["name"]
+            for key in params.keys() | other.keys()
+            if params.get(key) != other.get(key)
+        }
+        summary = _fold_summary(folds)
+        summary["experiment"] = task
+        summary["settings"] = " ".join(f"{key}={params.get(key)}" for key in sorted(varying))
+        summaries.append(summary)
+    return summaries
+
+
+def _fold_summary(folds: dict[int, Any]) -> dict[str, Any]:
+    """The mean over ``folds`` (fold -> run) of each run's best validation Dice."""
+    first = next(iter(folds.values()))
+    # The params hold labels.<index> = <name>: list the labels in index order.
+    index = {
+        f"val_dice_{name}": int(key.removeprefix("labels."))
+        for key, name in first.data.params.items()
+        if key.startswith("labels.")
+    }
+    labels = sorted((key for key in first.data.metrics if key in index), key=index.get)
+    best_scores = []  # per fold: {"val_mean_dice": ..., "val_dice_<label>": ...} at its best epoch
+    for run in folds.values():
+        history = metric_histories(run.info.run_id, ["val_mean_dice", *labels])
+        # The earliest epoch with the highest Dice: the one whose weights training kept.
+        best_step, _ = max(history["val_mean_dice"], key=lambda point: (point[1], -point[0]))
+        best_scores.append({key: dict(points).get(best_step, math.nan) for key, points in history.items()})
+
+    def mean(key: str) -> float:
+        return sum(scores[key] for scores in best_scores) / len(best_scores)
+
+    return {
+        "name": first.data.params["name"],
+        "folds": int(first.data.params["data.folds"]),
+        "done": sorted(folds),
+        "run_ids": [folds[fold].info.run_id for fold in sorted(folds)],
+        "mean_dice": mean("val_mean_dice"),
+        "dice": {label.removeprefix("val_dice_"): mean(label) for label in labels},
+    }
 
 
 def source_run_id(model_uri: str) -> str | None:

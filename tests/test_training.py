@@ -22,7 +22,9 @@ from conftest import (
     tiny_hippocampus_overrides,
 )
 from mlflow import MlflowClient
+from typer.testing import CliRunner
 
+from segment.cli import app
 from segment.config import ConfigError, load_config
 from segment.engine.checkpoint import load_checkpoint
 from segment.engine.train import train
@@ -125,6 +127,33 @@ def test_more_folds_than_cases_is_refused_in_one_sentence(hippocampus_root):
     config = load_config(CONFIG, ["data.max_cases=3", "data.folds=5"]).data
     with pytest.raises(ConfigError, match=r"data\.folds=5 needs at least 5 labelled cases, but .* has 3"):
         split_task(config, hippocampus_root)
+
+
+def test_runs_lists_every_run_and_averages_each_cross_validation_over_its_folds(tmp_path, hippocampus_root):
+    """Both folds of one recipe and one fold of another: the table lists all three runs, and
+    each recipe's folds are averaged apart, named by the setting that tells them apart."""
+    results = {}
+    for fold, seed in ((0, 0), (1, 0), (0, 1)):
+        overrides = [*tiny_hippocampus_overrides(), "data.folds=2", f"data.fold={fold}", f"trainer.seed={seed}"]
+        results[fold, seed] = train(load_config(CONFIG, overrides), **in_test_folder(tmp_path, hippocampus_root))
+
+    listing = CliRunner().invoke(app, ["runs", "--tracking-uri", store(tmp_path)])
+    assert listing.exit_code == 0, listing.output
+    table, summary = listing.output.split("\nCross-validations")
+    assert all(result.run_id in table for result in results.values())
+    lines = summary.splitlines()
+    both = [results[0, 0], results[1, 0]]
+    [complete] = [n for n, line in enumerate(lines) if "folds 0, 1 of 2:" in line]
+    mean_dice = sum(result.best_mean_dice for result in both) / 2
+    anterior = sum(result.best_dice["Anterior"] for result in both) / 2
+    assert f"{mean_dice:.4f} (Anterior {anterior:.4f} / Posterior" in lines[complete], lines[complete]
+    assert lines[complete + 1 : complete + 3] == [
+        "  recipe: trainer.seed=0",
+        f"  runs: {results[0, 0].run_id} {results[1, 0].run_id}",
+    ]
+    [partial] = [n for n, line in enumerate(lines) if "folds 0 of 2 (1 not finished):" in line]
+    assert f"{results[0, 1].best_mean_dice:.4f}" in lines[partial]
+    assert lines[partial + 1] == "  recipe: trainer.seed=1"
 
 
 def test_an_interrupted_run_resumes_in_the_same_mlflow_run(tmp_path, hippocampus_root):
