@@ -175,9 +175,10 @@ def runs(
 
     tracking.use_store(tracking_uri)
     try:
-        rows = tracking.list_runs(experiment)
+        found = tracking.find_runs(experiment)
     except tracking.TrackingError as error:
         fail(str(error))
+    rows = tracking.list_runs(found)
     if not rows:
         typer.echo("No runs yet: start one with `segment train --config configs/hippocampus_3d.yaml`.")
         return
@@ -190,7 +191,7 @@ def runs(
             f"{row['run_id']:32}  {row['experiment'][:20]:20}  {(row['name'] or '')[:24]:24}  {row['status']:8}  "
             f"{row['epochs']:>6}  {dice:>9}  {minutes:>7}  {row['device']}"
         )
-    validations = tracking.cross_validations(experiment)
+    validations = tracking.cross_validations(found)
     if validations:
         typer.echo("\nCross-validations: each fold's best validation Dice, averaged over the finished folds")
     for cv in validations:

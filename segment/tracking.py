@@ -153,8 +153,10 @@ def metric_histories(run_id: str, keys: list[str]) -> dict[str, list[tuple[int, 
     }
 
 
-def _search_runs(client: MlflowClient, experiment: str | None) -> tuple[list, dict[str, str]]:
-    """Runs of one experiment (task), or of all, newest first, and the experiments' names by id."""
+def find_runs(experiment: str | None = None) -> tuple[list, dict[str, str]]:
+    """Runs of one experiment (task), or of all, newest first, and the experiments' names by id:
+    one search that :func:`list_runs` and :func:`cross_validations` both read."""
+    client = MlflowClient()
     experiments = client.search_experiments()
     if experiment is not None:
         experiments = [e for e in experiments if e.name == experiment]
@@ -167,9 +169,9 @@ def _search_runs(client: MlflowClient, experiment: str | None) -> tuple[list, di
     return runs, {e.experiment_id: e.name for e in experiments}
 
 
-def list_runs(experiment: str | None = None) -> list[dict[str, Any]]:
-    """Runs of one experiment (task), or of all, newest first, with their key metrics."""
-    runs, names = _search_runs(MlflowClient(), experiment)
+def list_runs(found: tuple[list, dict[str, str]]) -> list[dict[str, Any]]:
+    """The runs :func:`find_runs` found, with their key metrics."""
+    runs, names = found
     return [
         {
             "run_id": run.info.run_id,
@@ -185,14 +187,13 @@ def list_runs(experiment: str | None = None) -> list[dict[str, Any]]:
     ]
 
 
-def cross_validations(experiment: str | None = None) -> list[dict[str, Any]]:
-    """Finished runs of ``data.folds`` cross-validations, grouped by recipe (every parameter
-    but ``data.fold``), newest group first. Each group gives the mean over its folds of each
+def cross_validations(found: tuple[list, dict[str, str]]) -> list[dict[str, Any]]:
+    """The finished runs of ``data.folds`` cross-validations among those :func:`find_runs`
+    found, grouped by recipe (every parameter but ``data.fold``), newest group first. Each group gives the mean over its folds of each
     run's best validation Dice, overall and per label at that run's best epoch, as nnU-Net
     summarises its folds; a fold run more than once counts with its newest run. ``settings``
     names what tells a group apart from other groups of the same config."""
-    client = MlflowClient()
-    runs, names = _search_runs(client, experiment)
+    runs, names = found
     groups: dict[tuple, dict[int, Any]] = {}
     for run in runs:
         params = run.data.params
