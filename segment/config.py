@@ -299,19 +299,46 @@ def build_config(tree: dict[str, Any], source: str = "config") -> ExperimentConf
         raise ConfigError(_format_validation_error(error, source)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read a YAML experiment file, apply overrides and validate it."""
-    path = Path(path)
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` laid over it: sections merge key by key, values replace."""
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """One YAML file as a dictionary, laid over the file it ``extends`` (a path relative to it)."""
     if not path.is_file():
-        raise ConfigError(f"Config file {path} does not exist; pick one from configs/.")
+        named = f"{chain[-1]} extends {path}, which" if chain else f"Config file {path}"
+        raise ConfigError(f"{named} does not exist; pick one from configs/.")
+    if path.resolve() in {link.resolve() for link in chain}:
+        raise ConfigError(f"Configs extend each other in a loop: {' -> '.join(map(str, (*chain, path)))}.")
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error.__class__.__name__}.") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, not a {type(tree).__name__}.")
+    # A recipe is a variant of another: its name is its own, everything else is inherited.
     tree.setdefault("name", path.stem)
-    return build_config(apply_overrides(tree, overrides or []), source=str(path))
+    parent = tree.pop("extends", None)
+    if parent is None:
+        return tree
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends must name one config file, e.g. extends: hippocampus_3d.yaml.")
+    inherited = _read_tree(path.parent / parent, (*chain, path))
+    inherited.pop("name")
+    return _merge(inherited, tree)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment file (and the files it extends), apply overrides and validate it."""
+    path = Path(path)
+    return build_config(apply_overrides(_read_tree(path), overrides or []), source=str(path))
 
 
 def config_to_yaml(config: ExperimentConfig) -> str:

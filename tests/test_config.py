@@ -73,3 +73,45 @@ def test_missing_and_malformed_files_are_reported(tmp_path):
     broken.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_config(broken)
+
+
+def test_a_config_extends_another_keeping_its_own_name_and_merging_section_by_section(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "name: base\nmodel: {out_channels: 3, levels: 4, skip_dropout: 0.1}\ntrainer: {lr: 0.003, seed: 4}\n"
+    )
+    (tmp_path / "nested").mkdir()
+    variant = tmp_path / "nested" / "variant.yaml"
+    variant.write_text("extends: ../base.yaml\nmodel: {levels: 3, skip_dropout: [0.0, 0.2]}\ntrainer: {lr: 0.001}\n")
+    config = load_config(variant, ["trainer.seed=7"])
+    assert config.name == "variant"
+    assert (config.model.out_channels, config.model.levels) == (3, 3)
+    assert config.model.skip_dropout_per_level == (0.0, 0.2)
+    assert (config.trainer.lr, config.trainer.seed) == (0.001, 7)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "overrides"),
+    [
+        ("hippocampus_3d_10min", ["trainer.max_minutes=10"]),
+        ("hippocampus_3d_wide", ["trainer.max_minutes=60", "trainer.seed=1", "model.channels=[12,24,48,96,192]"]),
+    ],
+)
+def test_each_cpu_recipe_is_the_default_with_the_readme_overrides(recipe, overrides):
+    shared = ["trainer.batch_size=2", "trainer.lr=0.002", "trainer.dice_background=false"]
+    config = load_config(DEFAULT.with_name(f"{recipe}.yaml"))
+    assert config.model_copy(update={"name": "hippocampus_3d"}) == load_config(DEFAULT, [*shared, *overrides])
+
+
+def test_a_missing_or_looping_parent_config_is_reported_in_one_sentence(tmp_path):
+    orphan = tmp_path / "orphan.yaml"
+    orphan.write_text("extends: gone.yaml\n")
+    with pytest.raises(ConfigError, match=r"orphan\.yaml extends .*gone\.yaml, which does not exist"):
+        load_config(orphan)
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"Configs extend each other in a loop: .*a\.yaml -> .*b\.yaml -> .*a\.yaml\.$"):
+        load_config(tmp_path / "a.yaml")
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("extends: [a.yaml, b.yaml]\n")
+    with pytest.raises(ConfigError, match="extends must name one config file"):
+        load_config(listed)
