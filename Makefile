@@ -42,7 +42,7 @@ train: $(INSTALLED)
 
 APP_PORT ?= 8501
 app: $(INSTALLED)
-	$(BIN)/segment app --port $(APP_PORT)
+	$(BIN)/segment app --port $(APP_PORT) --tracking-uri $(TRACKING_URI)
 
 # One worker and no job runner: the defaults start several processes and about 3 GB.
 mlflow-ui: $(INSTALLED)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 
-from segment.plots import LABEL_COLOURS
+from segment import plots
 
 PLANES = ("axial", "coronal", "sagittal")
 # Window presets as (level, width); "auto" uses the 1st-99th percentile of the scan.
@@ -94,7 +94,7 @@ def _hex_rgb(colour: str) -> tuple[int, int, int]:
 
 
 def label_colour(value: int) -> tuple[int, int, int]:
-    return _hex_rgb(LABEL_COLOURS[(value - 1) % len(LABEL_COLOURS)])
+    return _hex_rgb(plots.label_colour(value))
 
 
 def outline(mask: np.ndarray) -> np.ndarray:

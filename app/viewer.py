@@ -239,11 +239,12 @@ if skips != tuple(default_skips):
         peer_spec, peer_title = peers[0]["uri"], entry_title(peers[0])
         try:
             peer_model, peer_config, peer_runtime = loaded_model(peer_spec)
-            peer_explorers = st.session_state.setdefault("peer_explorers", {})
-            if (digest, peer_spec) not in peer_explorers:
+            # Like the main explorer, only the current scan's is kept: each caches its features.
+            if st.session_state.get("peer_explorer_key") != (digest, peer_spec):
                 with st.spinner(f"Segmenting with {peers[0]['name']}..."):
-                    peer_explorers[(digest, peer_spec)] = SkipExplorer(peer_model, peer_config, scan, peer_runtime)
-            peer_mask = peer_explorers[(digest, peer_spec)].mask()
+                    st.session_state["peer_explorer"] = SkipExplorer(peer_model, peer_config, scan, peer_runtime)
+                st.session_state["peer_explorer_key"] = (digest, peer_spec)
+            peer_mask = st.session_state["peer_explorer"].mask()
         except ModelLoadError as error:
             st.error(str(error))
 
@@ -342,20 +343,17 @@ st.markdown(
     )
 )
 if truth is not None:
-    current, full = explorer.score(mask, truth), explorer.score(reference, truth)
+    try:
+        scored = {"now": explorer.score(mask, truth), "all on": explorer.score(reference, truth)}
+        if peer_mask is not None:
+            scored["trained without"] = explorer.score(peer_mask, truth)
+    except ScanError as error:
+        st.error(str(error))
+        scored = {}
+    # Metric by metric, so that each one's settings stand side by side.
     for metric in ("dice", "hd95", "nsd"):
-        table[f"{metric} vs truth (now)"] = [
-            round(getattr(current, metric)[name], 4) for name in table["label"]
-        ]
-        table[f"{metric} vs truth (all on)"] = [
-            round(getattr(full, metric)[name], 4) for name in table["label"]
-        ]
-    if peer_mask is not None:
-        trained = explorer.score(peer_mask, truth)
-        for metric in ("dice", "hd95", "nsd"):
-            table[f"{metric} vs truth (trained without)"] = [
-                round(getattr(trained, metric)[name], 4) for name in table["label"]
-            ]
+        for when, scores in scored.items():
+            table[f"{metric} vs truth ({when})"] = [round(getattr(scores, metric)[name], 4) for name in table["label"]]
 st.dataframe(table, hide_index=True)
 
 left, right = st.columns(2)

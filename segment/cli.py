@@ -62,6 +62,16 @@ def fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def require_output_file(path: Path, what: str) -> None:
+    """Refuse an output file that cannot be written (a folder, a missing or read-only folder)
+    before the work that fills it is done."""
+    if path.is_dir():
+        fail(f"Cannot write {what} to {path}: it is a folder; give a file name.")
+    if not path.parent.is_dir():
+        fail(f"Cannot write {what} to {path}: the folder {path.parent} does not exist.")
+    require_writable(path.parent, what)
+
+
 def require_writable(folder: Path, what: str) -> None:
     """Refuse a read-only destination before any work is done, not after the work is lost."""
     from segment.atomic import read_only_ancestor
@@ -86,7 +96,8 @@ def describe(context: typer.Context, config: ConfigOption, overrides: SetOption 
         f"{experiment.name}: {spec.spatial_dims}D U-Net, {spec.encoder} encoder, {spec.skip_mode} skips"
     )
     typer.echo(f"  levels: {spec.levels}, channels per level: {list(model.encoder.out_channels)}")
-    typer.echo(f"  long skips: {spec.num_skips}, skip dropout: {list(spec.skip_dropout_per_level)}")
+    built = "".join(str(int(flag)) for flag in spec.built_skips)
+    typer.echo(f"  long skips (finest first): {built}, skip dropout: {list(spec.skip_dropout_per_level)}")
     typer.echo(f"  parameters: {sum(p.numel() for p in model.parameters()):,}")
 
 
@@ -287,6 +298,8 @@ def predict(
         if not scan_suffix(output):
             fail(f"{output.name}: the mask needs a scan suffix (.nii.gz, .nii, .nrrd, .mha).")
         targets = [(input, output)]
+    if any(target.resolve() == source.resolve() for source, target in targets):
+        fail("The masks would overwrite the scans they come from; give another --output so the scans are kept.")
     require_writable(targets[0][1].parent, "masks")
     network, config = _load(model, tracking_uri)
     try:
@@ -335,7 +348,7 @@ def evaluate(
         bool, typer.Option("--full-sweep", help="With --ablate-skips: every combination.")
     ] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
-    max_cases: Annotated[int | None, typer.Option(help="Score only the first N cases.")] = None,
+    max_cases: Annotated[int | None, typer.Option(min=1, help="Score only the first N cases.")] = None,
     nsd_tolerance: Annotated[
         float,
         typer.Option(
@@ -346,7 +359,7 @@ def evaluate(
     device: DeviceOption = "auto",
     tracking_uri: ModelStoreOption = None,
 ) -> None:
-    """Dice, HD95 (mm), NSD (1 mm) and volume per label; optionally the skip ablation."""
+    """Dice, HD95, NSD and volume per label; optionally the skip ablation."""
     import json
 
     from segment.atomic import write_atomically
@@ -362,9 +375,7 @@ def evaluate(
     if not nsd_tolerance > 0:
         fail(f"--nsd-tolerance {nsd_tolerance}: give a positive distance.")
     if json_path is not None:
-        if not json_path.parent.is_dir():
-            fail(f"Cannot write {json_path}: the folder {json_path.parent} does not exist.")
-        require_writable(json_path.parent, "the JSON report")
+        require_output_file(json_path, "the JSON report")
     members = _load_members(model, tracking_uri)
     if split == "val" and (setting := split_mismatch([member_config for _, member_config in members])):
         fail(
@@ -379,10 +390,16 @@ def evaluate(
         task = split_task(data_config, data.parent, download=False)
     except (DeviceError, DataNotFoundError, ConfigError) as error:
         fail(str(error))
+    if sorted(task.label_names) != sorted(config.label_names):
+        fail(
+            f"{model} predicts labels {sorted(config.label_names)} but {data} has labels "
+            f"{sorted(task.label_names)}; evaluate a model on the task it was trained for."
+        )
     cases = task.val if split == "val" else sorted(task.train + task.val, key=lambda case: case["image"])
     cases = cases[:max_cases] if max_cases else cases
+    built = network.resolve_skips(None)
     settings = (
-        skip_settings(network.num_skips, full_sweep) if ablate_skips else [tuple(network.resolve_skips(None))]
+        skip_settings(built, full_sweep) if ablate_skips else [tuple(int(on) for on in built)]
     )
     try:
         results = evaluate_cases(
@@ -402,11 +419,16 @@ def evaluate(
     if json_path is not None:
         write_atomically(json_path, lambda temporary: temporary.write_text(json.dumps(report, indent=2)))
         typer.echo(f"Wrote {json_path}")
+    from mlflow.exceptions import MlflowException
+
     from segment import tracking
 
     run_id = tracking.source_run_id(model) if model.startswith(MLFLOW_SCHEMES) else None
     if run_id is not None:
-        tracking.log_evaluation(run_id, report, split)
+        try:
+            tracking.log_evaluation(run_id, report, split)
+        except MlflowException as error:
+            fail(f"The results above could not be logged to MLflow run {run_id}: {error.message}")
         typer.echo(f"Logged the evaluation to MLflow run {run_id}.")
 
 
@@ -420,7 +442,7 @@ def ensemble(
     tracking_uri: ModelStoreOption = None,
 ) -> None:
     """Join trained models of one task into an ensemble folder: it predicts the mean of their
-    softmax outputs, and --skips switches the same skips off in every member."""
+    softmax outputs, and `segment predict --skips` switches the same skips off in every member."""
     import torch
 
     from segment.models import ModelLoadError, UNetEnsemble, save_ensemble
@@ -474,13 +496,19 @@ def report(
     """The skip study: evaluated models side by side, and each skip switched off at inference
     against the model trained without it. Reads what `segment evaluate` logged to MLflow."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     from segment import tracking
     from segment.atomic import write_atomically
     from segment.report import evaluated_runs, study_markdown
 
+    if output is not None:
+        require_output_file(output, "the report")
     tracking.use_store(tracking_uri)
-    runs = evaluated_runs(MlflowClient(), experiment)
+    try:
+        runs = evaluated_runs(MlflowClient(), experiment)
+    except MlflowException as error:
+        fail(f"Cannot read the MLflow store: {error.message}")
     if not runs:
         fail(
             "No evaluated runs yet: evaluate trained models first with "
@@ -497,11 +525,18 @@ def report(
 def viewer(
     port: Annotated[int, typer.Option(help="Port to serve the viewer on.")] = 8501,
     address: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps it local.")] = "127.0.0.1",
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow store whose models it offers (default as for train).")
+    ] = None,
 ) -> None:
     """Start the Streamlit viewer (upload a scan, switch skips, see what is lost)."""
     import os
     import sys
 
+    from segment.tracking import resolve_tracking_uri
+
+    # Resolved here, in the user's folder: the viewer itself runs from the repository.
+    os.environ["MLFLOW_TRACKING_URI"] = resolve_tracking_uri(tracking_uri)
     root = Path(__file__).resolve().parents[1]
     viewer_file = root / "app" / "viewer.py"
     if not viewer_file.is_file():
@@ -523,10 +558,13 @@ def viewer(
 
 
 def _print_report(report: dict) -> None:
-    typer.echo(f"{report['model']}: {report['cases']} cases, mean Dice {report['mean_dice']:.4f}")
+    typer.echo(
+        f"{report['model']}: {report['cases']} cases, mean Dice {report['mean_dice']:.4f} "
+        f"(HD95 and NSD tolerance {report['nsd_tolerance']:g} in the scans' unit, mm for clinical scans)"
+    )
     for name in report["dice"]:
         typer.echo(
-            f"  {name:>12}: Dice {report['dice'][name]:.4f}  HD95 {report['hd95'][name]:.2f} mm  "
+            f"  {name:>12}: Dice {report['dice'][name]:.4f}  HD95 {report['hd95'][name]:.2f}  "
             f"NSD {report['nsd'][name]:.4f}  volume {report['volume_ml'][name]:.3f} mL"
         )
     for row in report.get("ablation", []):

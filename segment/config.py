@@ -321,6 +321,10 @@ def _read_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error.__class__.__name__}.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file; a config is YAML.") from None
+    except OSError as error:
+        raise ConfigError(f"Cannot read {path}: {error.strerror or error}.") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, not a {type(tree).__name__}.")
     # A recipe is a variant of another: its name is its own, everything else is inherited.

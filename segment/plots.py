@@ -13,6 +13,11 @@ from matplotlib.colors import ListedColormap
 LABEL_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6"]
 
 
+def label_colour(value: int) -> str:
+    """The colour of label ``value`` (1, 2, ...); tasks with more labels reuse the palette."""
+    return LABEL_COLOURS[(value - 1) % len(LABEL_COLOURS)]
+
+
 def learning_curves(history: dict[str, list[tuple[int, float]]]) -> plt.Figure:
     """history: metric name -> [(epoch, value)]; losses on the left, Dice on the right."""
     figure, (loss_axis, dice_axis) = plt.subplots(1, 2, figsize=(11, 4))
@@ -42,7 +47,7 @@ def overlay_panels(
 ) -> plt.Figure:
     """image: (H, W) slice; masks: title -> (H, W) integer labels. One panel per entry plus the
     bare image, each mask drawn in per-label colours over the image."""
-    colours = ListedColormap(["none", *LABEL_COLOURS[: max(label_names)]])
+    colours = ListedColormap(["none", *(label_colour(value) for value in range(1, max(label_names) + 1))])
     figure, axes = plt.subplots(1, len(masks) + 1, figsize=(3.2 * (len(masks) + 1), 3.6))
     low, high = np.percentile(image, [1, 99])
     for axis, (title, mask) in zip(axes, [("image", None), *masks.items()], strict=True):
@@ -62,7 +67,7 @@ def overlay_panels(
         axis.set_title(title, fontsize=9)
         axis.axis("off")
     handles = [
-        matplotlib.patches.Patch(color=LABEL_COLOURS[value - 1], label=name)
+        matplotlib.patches.Patch(color=label_colour(value), label=name)
         for value, name in sorted(label_names.items())
         if value > 0
     ]

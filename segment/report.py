@@ -120,7 +120,7 @@ def _ablation_table(base: EvaluatedRun, trained_without: dict[tuple[int, ...], E
 
 def _comparison_table(runs: list[EvaluatedRun]) -> list[str]:
     lines = [
-        "| task | config | dims | encoder | skip dropout | skips | mean Dice | per label Dice | mean HD95 (mm) | mean NSD | minutes |",
+        "| task | config | dims | encoder | skip dropout | skips | mean Dice | per label Dice | mean HD95 (scan units) | mean NSD | minutes |",
         "| --- " * 11 + "|",
     ]
     for run in runs:

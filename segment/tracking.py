@@ -24,13 +24,21 @@ class TrackingError(RuntimeError):
     """A run or model could not be found or written in the MLflow store."""
 
 
+SQLITE = "sqlite:///"
+
+
 def resolve_tracking_uri(explicit: str | None = None) -> str:
     """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///./mlflow.db``.
 
     Always explicit: MLflow's own default silently switches to a file store when a
-    ``./mlruns`` folder exists."""
-    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
-    return uri or f"sqlite:///{Path.cwd() / DEFAULT_STORE}"
+    ``./mlruns`` folder exists. A SQLite file named relative to the working folder is pinned
+    to it, so that a process started elsewhere (the viewer runs from the repository) reads
+    the same store."""
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"{SQLITE}{DEFAULT_STORE}"
+    database = uri.removeprefix(SQLITE)
+    if uri.startswith(SQLITE) and database != ":memory:" and not Path(database).is_absolute():
+        return f"{SQLITE}{Path.cwd() / database}"
+    return uri
 
 
 def use_store(tracking_uri: str | None = None) -> str:
@@ -310,7 +318,9 @@ def evaluation_markdown(report: dict) -> str:
     lines = [
         f"# {report['model']}: {report['cases']} cases, mean Dice {report['mean_dice']:.4f}",
         "",
-        "| label | Dice | HD95 (mm) | NSD (1 mm) | volume (mL) |",
+        "Distances are in the scans' spatial unit (mm for clinical scans).",
+        "",
+        f"| label | Dice | HD95 | NSD ({report['nsd_tolerance']:g} tolerance) | volume (mL) |",
         "| --- | --- | --- | --- | --- |",
     ]
     for label in labels:
@@ -354,7 +364,6 @@ def registered_models() -> list[dict[str, Any]]:
                 "val_mean_dice": float(version.tags["val_mean_dice"])
                 if "val_mean_dice" in version.tags
                 else None,
-                "run_id": version.run_id,
                 **_architecture(client, version.run_id),
             }
         )

@@ -381,6 +381,46 @@ def test_evaluate_refuses_the_val_split_of_an_ensemble_whose_members_validated_o
     assert json.loads((tmp_path / "report.json").read_text())["cases"] == 2
 
 
+def test_evaluate_refuses_a_task_whose_labels_are_not_the_models(tmp_path, monkeypatch, hippocampus_root):
+    task = small_task(tmp_path, hippocampus_root)
+    dataset = json.loads((task / "dataset.json").read_text())
+    dataset["labels"]["3"] = "Tail"
+    (task / "dataset.json").write_text(json.dumps(dataset))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["evaluate", "--model", MODEL, "--data", str(task), "--json", "report.json"])
+    assert result.exit_code == 2
+    [line] = error_lines(result)
+    assert "predicts labels [0, 1, 2] but" in line and "has labels [0, 1, 2, 3]" in line, line
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_evaluate_and_report_refuse_an_output_that_is_a_folder_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    evaluate = CliRunner().invoke(app, ["evaluate", "--model", MODEL, "--data", str(tmp_path), "--json", "out"])
+    report = CliRunner().invoke(app, ["report", "--output", "out", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    for result in (evaluate, report):
+        assert result.exit_code == 2
+        [line] = error_lines(result)
+        assert "to out: it is a folder; give a file name." in line, line
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"], "no store was created"
+
+
+def test_predict_never_writes_a_mask_over_its_scan(tmp_path, monkeypatch, real):
+    monkeypatch.chdir(tmp_path)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    nib.save(real.image, scans / "case.nii.gz")
+    original = (scans / "case.nii.gz").read_bytes()
+    for source, output in (("scans/case.nii.gz", "scans"), ("scans/case.nii.gz", "scans/case.nii.gz"), ("scans", "scans")):
+        result = CliRunner().invoke(app, ["predict", "--model", MODEL, "--input", source, "--output", output])
+        assert result.exit_code == 2
+        [line] = error_lines(result)
+        assert "would overwrite the scans" in line, line
+    assert (scans / "case.nii.gz").read_bytes() == original
+    assert sorted(path.name for path in scans.iterdir()) == ["case.nii.gz"]
+
+
 # --- read_scan under fuzzing ------------------------------------------------------------------
 
 

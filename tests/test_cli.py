@@ -24,7 +24,13 @@ def test_describe_prints_the_default_model():
     result = run_segment("describe", "--config", "configs/hippocampus_3d.yaml")
     assert result.returncode == 0, result.stderr
     assert "channels per level: [8, 16, 32, 64, 128]" in result.stdout
-    assert "long skips: 4" in result.stdout
+    assert "long skips (finest first): 1111" in result.stdout
+
+
+def test_describe_shows_which_long_skips_a_model_is_built_without():
+    result = run_segment("describe", "--config", "configs/hippocampus_3d_noskip.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "long skips (finest first): 0000" in result.stdout
 
 
 def test_bad_override_exits_non_zero_with_one_line_and_no_traceback():

@@ -73,6 +73,10 @@ def test_missing_and_malformed_files_are_reported(tmp_path):
     broken.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_config(broken)
+    binary = tmp_path / "scan.nii.gz"
+    binary.write_bytes(b"\x1f\x8b\x08\x00\xff\xfe")
+    with pytest.raises(ConfigError, match=r"scan\.nii\.gz is not a text file; a config is YAML\.$"):
+        load_config(binary)
 
 
 def test_a_config_extends_another_keeping_its_own_name_and_merging_section_by_section(tmp_path):

@@ -17,7 +17,7 @@ import torch
 from torch.profiler import profile
 
 from segment.engine.device import make_runtime
-from segment.engine.evaluate import score_case
+from segment.engine.evaluate import score_case, skip_settings
 from segment.engine.inference import predict_logits
 from segment.engine.predict import prepare, segment_scan
 from segment.io import read_scan
@@ -308,3 +308,16 @@ def test_segment_export_writes_a_standalone_copy_that_predicts_the_same_mask(tmp
         assert refused.returncode != 0 and expected in refused.stderr
         assert "Traceback" not in refused.stderr
     assert not (tmp_path / "broken").exists()
+
+
+def test_the_ablation_never_switches_on_a_skip_the_model_was_built_without():
+    assert skip_settings((True, True)) == [(1, 1), (0, 1), (1, 0), (0, 0)]
+    assert skip_settings((True, False, True, True)) == [
+        (1, 0, 1, 1),
+        (0, 0, 1, 1),
+        (1, 0, 0, 1),
+        (1, 0, 1, 0),
+        (0, 0, 0, 0),
+    ]
+    assert skip_settings((False, False)) == [(0, 0)]
+    assert skip_settings((True, False, True), full_sweep=True) == [(1, 0, 1), (1, 0, 0), (0, 0, 1), (0, 0, 0)]

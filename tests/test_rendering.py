@@ -93,3 +93,14 @@ def test_overlay_colours_labels_and_lost_voxels():
     assert tuple(rgb[0, 0]) != (100, 100, 100)
     assert tuple(rgb[1, 1]) == (100, 100, 100)
     assert rgb[3, 3, 0] > rgb[3, 3, 2], "lost voxels are drawn red"
+
+
+def test_the_run_overlay_draws_a_task_with_more_labels_than_the_palette_has_colours():
+    from segment.plots import LABEL_COLOURS, label_colour, overlay_panels
+
+    names = {value: f"label {value}" for value in range(len(LABEL_COLOURS) + 3)}
+    mask = np.arange(64).reshape(8, 8) % len(names)
+    figure = overlay_panels(np.random.default_rng(0).random((8, 8)), {"prediction": mask}, names)
+    legend = figure.legends[0]
+    assert [text.get_text() for text in legend.get_texts()] == [names[value] for value in range(1, len(names))]
+    assert label_colour(len(LABEL_COLOURS) + 1) == label_colour(1)

@@ -364,3 +364,16 @@ def test_a_2d_patch_model_trains_on_converted_isbi_slices(tmp_path, hippocampus_
     result = train(config, **in_test_folder(tmp_path, tmp_path))
     assert set(result.best_dice) == {"membrane"}
     assert 0.0 <= result.best_mean_dice <= 1.0
+
+
+def test_a_store_named_relative_to_the_working_folder_stays_there_when_a_process_moves(tmp_path, monkeypatch):
+    from segment.tracking import resolve_tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert resolve_tracking_uri("sqlite:///runs/store.db") == f"sqlite:///{tmp_path / 'runs' / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert resolve_tracking_uri() == f"sqlite:///{tmp_path / 'env.db'}"
+    for fixed in ("sqlite:////srv/mlflow.db", "http://127.0.0.1:5055", "sqlite:///:memory:"):
+        assert resolve_tracking_uri(fixed) == fixed

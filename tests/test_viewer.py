@@ -152,6 +152,17 @@ def test_a_ground_truth_of_another_scan_is_refused(viewer, case_bytes, hippocamp
     assert "dice vs truth (now)" not in metrics(app).columns
 
 
+def test_a_ground_truth_with_labels_the_model_does_not_know_is_refused(viewer, case_bytes):
+    truth = nib.Nifti1Image.from_bytes(gzip.decompress(case_bytes[1]))
+    binary = (np.asarray(truth.dataobj) > 0).astype(np.uint8) * 255  # a 0/255 mask, as image tools save
+    foreign = gzip.compress(nib.Nifti1Image(binary, truth.affine).to_bytes())
+    app = upload(viewer, "scan", "case.nii.gz", case_bytes[0])
+    app = upload(app, "truth", "mask.nii.gz", foreign)
+    assert not app.exception
+    assert any("holds label values 0..255 but the model knows 0..2" in error.value for error in app.error)
+    assert "dice vs truth (now)" not in metrics(app).columns
+
+
 def test_an_upload_named_like_a_path_is_segmented_and_its_name_never_used_as_one(
     viewer, case_bytes, tmp_path
 ):

@@ -13,6 +13,7 @@ from monai.data import load_decathlon_datalist
 
 from segment.config import ConfigError, DataConfig
 from segment.data.msd import TASKS, DataNotFoundError, fetch_task
+from segment.io import scan_stem
 
 DATA_ROOT_VARIABLE = "SEGMENT_DATA_ROOT"
 DEFAULT_DATA_ROOT = Path("data")
@@ -74,10 +75,7 @@ class TaskSplit:
 
 def case_id(case: dict[str, str]) -> str:
     """``hippocampus_001`` for ``.../imagesTr/hippocampus_001.nii.gz``."""
-    name = Path(case["image"]).name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha"):
-        name = name.removesuffix(suffix)
-    return name
+    return scan_stem(case["image"])
 
 
 def label_names(task_folder: Path) -> dict[int, str]:

@@ -37,13 +37,13 @@ def orient_and_normalise(config: ExperimentConfig, keys: tuple[str, ...], keep_m
     return steps
 
 
-def read_and_normalise(config: ExperimentConfig, keys: tuple[str, ...] = (IMAGE, LABEL)) -> list:
-    """Load from disk, channel-first, then :func:`orient_and_normalise`. Deterministic, so a
-    CacheDataset keeps its output in memory. Every scan is read as a 3D volume; 2D models
-    see its axial slices later."""
+def read_and_normalise(config: ExperimentConfig) -> list:
+    """Load an image and its label from disk, channel-first, then :func:`orient_and_normalise`.
+    Deterministic, so a CacheDataset keeps its output in memory. Every scan is read as a 3D
+    volume; 2D models see its axial slices later."""
     return [
-        T.LoadImaged(keys, image_only=True, ensure_channel_first=True),
-        *orient_and_normalise(config, keys),
+        T.LoadImaged((IMAGE, LABEL), image_only=True, ensure_channel_first=True),
+        *orient_and_normalise(config, (IMAGE, LABEL)),
     ]
 
 

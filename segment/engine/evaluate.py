@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +22,7 @@ from segment.io import ScanError, read_scan
 from segment.models import Segmenter
 
 # In the scan's spatial unit, which for clinical scans is the millimetre.
-NSD_TOLERANCE_MM = 1.0
+NSD_TOLERANCE = 1.0
 # MONAI's own surface-distance code passes an argument it has itself deprecated; the warning
 # says nothing a user of this module can act on.
 warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
@@ -44,12 +45,17 @@ def score_case(
     truth: np.ndarray,
     spacing: tuple[float, ...],
     label_names: dict[int, str],
-    nsd_tolerance: float = NSD_TOLERANCE_MM,
+    nsd_tolerance: float = NSD_TOLERANCE,
 ) -> CaseScores:
     """prediction, truth: integer label arrays of one shape; spacing: mm per array axis."""
     if prediction.shape != truth.shape:
         raise ValueError(f"{case}: prediction {prediction.shape} and label {truth.shape} differ in shape")
     classes = max(label_names) + 1
+    if truth.min() < 0 or truth.max() >= classes:
+        raise ScanError(
+            f"{case}: the ground truth holds label values {int(truth.min())}..{int(truth.max())} but the "
+            f"model knows 0..{classes - 1} ({', '.join(label_names.values())}); check that it labels this task."
+        )
     predicted, expected = (
         one_hot(torch.as_tensor(labels.astype(np.int64))[None, None], classes)
         for labels in (prediction, truth)
@@ -83,12 +89,20 @@ def mean_scores(cases: list[CaseScores], metric: str) -> dict[str, float]:
     return means
 
 
-def skip_settings(num_skips: int, full_sweep: bool = False) -> list[tuple[int, ...]]:
-    """All on, each level off alone, all off; or every combination with ``full_sweep``."""
+def skip_settings(built: Sequence[bool], full_sweep: bool = False) -> list[tuple[int, ...]]:
+    """The model's own skips (``built``, finest first), each of them off alone, all off; or
+    every combination of them with ``full_sweep``. The first setting is the model as trained.
+
+    A skip the model was built without stays off in every setting: switching it on would feed
+    features to weights that never saw any."""
     if full_sweep:
-        return sorted(itertools.product((1, 0), repeat=num_skips), key=lambda s: (-sum(s), [-v for v in s]))
-    one_off = [tuple(0 if level == off else 1 for level in range(num_skips)) for off in range(num_skips)]
-    return [(1,) * num_skips, *one_off, (0,) * num_skips]
+        combinations = itertools.product((1, 0), repeat=len(built))
+        ordered = sorted(combinations, key=lambda s: (-sum(s), [-v for v in s]))
+    else:
+        one_off = [tuple(int(level != off) for level in range(len(built))) for off in range(len(built))]
+        ordered = [(1,) * len(built), *one_off, (0,) * len(built)]
+    settings = (tuple(int(on and has) for on, has in zip(setting, built, strict=True)) for setting in ordered)
+    return list(dict.fromkeys(settings))
 
 
 def evaluate_cases(
@@ -99,7 +113,7 @@ def evaluate_cases(
     label_names: dict[int, str],
     settings: list[tuple[int, ...]],
     progress: bool = False,
-    nsd_tolerance: float = NSD_TOLERANCE_MM,
+    nsd_tolerance: float = NSD_TOLERANCE,
 ) -> dict[tuple[int, ...], list[CaseScores]]:
     """Score ``model`` on labelled ``cases`` (dicts with image and label paths) under each skip
     setting. Each scan is read and prepared once; only the network re-runs per setting."""
@@ -125,9 +139,9 @@ def evaluation_report(
     model_name: str,
     results: dict[tuple[int, ...], list[CaseScores]],
     ablation: bool,
-    nsd_tolerance: float = NSD_TOLERANCE_MM,
+    nsd_tolerance: float = NSD_TOLERANCE,
 ) -> dict:
-    """The documented JSON shape (README, "segment evaluate")."""
+    """The documented JSON shape (README, "Evaluation")."""
     settings = list(results)
     baseline = results[settings[0]]
     dice = mean_scores(baseline, "dice")

@@ -34,8 +34,8 @@ class MaskChange:
 class SkipExplorer:
     """One scan under one model: masks for any skip setting, computed from cached features.
 
-    Whole-volume models cache the encoder output once; a sliding-window model (a scan larger
-    than its training window) re-runs the whole network per setting."""
+    Whole-volume models cache the encoder output once; a sliding-window model (one whose
+    config sets ``trainer.roi_size``) re-runs the whole network per setting."""
 
     def __init__(self, model: Segmenter, config: ExperimentConfig, scan: Scan, runtime: Runtime) -> None:
         self.model, self.config, self.scan, self.runtime = model, config, scan, runtime

@@ -63,8 +63,6 @@ class TrainingInterrupted(Exception):
             f"Training stopped after epoch {epochs_done}; the checkpoint is saved. "
             f"Continue with: segment train --resume {run_id}"
         )
-        self.run_id = run_id
-        self.epochs_done = epochs_done
 
 
 def learning_rate(config: ExperimentConfig, progress: float, step: int, warmup_steps: int) -> float:
