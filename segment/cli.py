@@ -428,7 +428,7 @@ def evaluate(
         try:
             tracking.log_evaluation(run_id, report, split)
         except MlflowException as error:
-            fail(f"The results above could not be logged to MLflow run {run_id}: {error.message}")
+            fail(f"The results above could not be logged to MLflow run {run_id}: {error.message.splitlines()[0]}")
         typer.echo(f"Logged the evaluation to MLflow run {run_id}.")
 
 
@@ -508,7 +508,7 @@ def report(
     try:
         runs = evaluated_runs(MlflowClient(), experiment)
     except MlflowException as error:
-        fail(f"Cannot read the MLflow store: {error.message}")
+        fail(f"Cannot read the MLflow store: {error.message.splitlines()[0]}")
     if not runs:
         fail(
             "No evaluated runs yet: evaluate trained models first with "
