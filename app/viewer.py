@@ -107,8 +107,9 @@ def read_upload(upload, what: str):
 
 
 def level_labels(config, scan) -> list[str]:
-    """``level 1 - full resolution, 1 mm`` ... for each long skip."""
-    spacing = config.data.spacing or scan.spacing
+    """``level 1 - full resolution, 1 mm`` ... for each long skip, in the scan's unit."""
+    # A 2D model pools within the axial slice only.
+    spacing = (config.data.spacing or scan.spacing)[: config.model.spatial_dims]
     labels = []
     for level in range(1, config.model.levels):
         factor = 2 ** (level - 1)
@@ -118,7 +119,7 @@ def level_labels(config, scan) -> list[str]:
             else f"{spacing[0] * factor:g}"
         )
         scale = "full resolution" if level == 1 else f"1/{factor} resolution"
-        labels.append(f"level {level} - {scale}, {size} mm")
+        labels.append(f"level {level} - {scale}, {size} {scan.unit}")
     return labels
 
 
@@ -312,23 +313,23 @@ if any(s != d for s, d in zip(skips, default_skips, strict=True)):
         )
 
 rows = []
-voxel_ml = float(np.prod(scan.spacing)) / 1000.0
+in_unit = f"({scan.volume_unit})"
 for value, name in sorted(label_names.items()):
     if value == 0:
         continue
     rows.append(
         {
             "label": name,
-            "volume (mL)": round(float((mask == value).sum()) * voxel_ml, 4),
-            "change vs all skips on (mL)": round(change.volume_change_ml[name], 4),
+            f"volume {in_unit}": round(float((mask == value).sum()) * scan.voxel_volume, 4),
+            f"change vs all skips on {in_unit}": round(change.volume_change[name], 4),
             "Dice vs all skips on": round(change.dice_to_reference[name], 4),
         }
     )
 table = pd.DataFrame(rows)
 if peer_mask is not None:
     peer_change = explorer.compare(peer_mask, mask)
-    table["volume, trained without (mL)"] = [
-        round(float((peer_mask == value).sum()) * voxel_ml, 4)
+    table[f"volume, trained without {in_unit}"] = [
+        round(float((peer_mask == value).sum()) * scan.voxel_volume, 4)
         for value, name in sorted(label_names.items())
         if value > 0
     ]
@@ -338,7 +339,8 @@ if peer_mask is not None:
 st.markdown(
     "**Against all skips on**: "
     + ", ".join(
-        f"{row['label']} Dice {row['Dice vs all skips on']:.3f}, {row['change vs all skips on (mL)']:+.3f} mL"
+        f"{row['label']} Dice {row['Dice vs all skips on']:.3f}, "
+        f"{row[f'change vs all skips on {in_unit}']:+.3f} {scan.volume_unit}"
         for row in rows
     )
 )
@@ -355,6 +357,8 @@ if truth is not None:
         for when, scores in scored.items():
             table[f"{metric} vs truth ({when})"] = [round(getattr(scores, metric)[name], 4) for name in table["label"]]
 st.dataframe(table, hide_index=True)
+if truth is not None:
+    st.caption(f"HD95 in {scan.unit}; NSD with a tolerance of {explorer.nsd_tolerance:g} {scan.unit}.")
 
 left, right = st.columns(2)
 left.download_button(

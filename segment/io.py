@@ -48,8 +48,24 @@ class Scan:
 
     @property
     def spacing(self) -> tuple[float, float, float]:
-        """Voxel size in mm along each array axis."""
+        """Voxel size along each array axis, in :attr:`unit`."""
         return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+    @property
+    def unit(self) -> str:
+        """The spatial unit a NIfTI header declares (the converted EM task is in micrometres);
+        millimetres otherwise, which is also what ITK reports for NRRD and MHA."""
+        declared = self.nifti_header.get_xyzt_units()[0] if self.nifti_header is not None else "mm"
+        return {"micron": "µm", "meter": "m"}.get(declared, "mm")
+
+    @property
+    def volume_unit(self) -> str:
+        return "mL" if self.unit == "mm" else f"{self.unit}³"
+
+    @property
+    def voxel_volume(self) -> float:
+        """One voxel's volume in :attr:`volume_unit`."""
+        return float(np.prod(self.spacing)) / (1000.0 if self.unit == "mm" else 1.0)
 
 
 def scan_suffix(path: str | Path) -> str:

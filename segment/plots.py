@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import matplotlib
 
 matplotlib.use("Agg")  # runs headless: on servers, in CI and in worker processes
@@ -11,6 +14,15 @@ import numpy as np
 from matplotlib.colors import ListedColormap
 
 LABEL_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6"]
+
+
+@contextmanager
+def released(figure: plt.Figure) -> Iterator[plt.Figure]:
+    """``figure``, closed afterwards: pyplot keeps every figure alive until it is closed."""
+    try:
+        yield figure
+    finally:
+        plt.close(figure)
 
 
 def label_colour(value: int) -> str:

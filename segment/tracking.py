@@ -310,7 +310,8 @@ def log_evaluation(run_id: str, report: dict, split: str) -> None:
     client.log_text(run_id, json.dumps(report, indent=2), f"evaluation/{split}.json")
     client.log_text(run_id, evaluation_markdown(report), f"evaluation/{split}.md")
     if "ablation" in report:
-        client.log_figure(run_id, plots.ablation_bars(report["ablation"]), f"evaluation/{split}_ablation.png")
+        with plots.released(plots.ablation_bars(report["ablation"])) as figure:
+            client.log_figure(run_id, figure, f"evaluation/{split}_ablation.png")
 
 
 def evaluation_markdown(report: dict) -> str:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from mlflow import MlflowClient
@@ -37,6 +39,26 @@ def hippocampus_root() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return root
+
+
+@pytest.fixture(scope="session")
+def isbi_source() -> Path:
+    """The ISBI 2012 EM PNG folder. Missing data skips locally but fails in CI."""
+    folder = data_root() / "ISBI2012_EM_membrane"
+    if not folder.is_dir():
+        message = f"the ISBI 2012 data is not at {folder} (set SEGMENT_DATA_ROOT to the shared data folder)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return folder
+
+
+def load_script(name: str) -> ModuleType:
+    """Import ``data_scripts/<name>.py``, which is a folder of scripts, not a package."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "data_scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_hippocampus_overrides(cases: int = 8, epochs: int = 1) -> list[str]:

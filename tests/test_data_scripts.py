@@ -7,38 +7,26 @@ success path downloads a local tar through a ``file://`` URL.
 """
 
 import hashlib
-import importlib.util
 import json
-import os
 import socket
 import subprocess
 import sys
 import tarfile
 import urllib.request
 from pathlib import Path
-from types import ModuleType
 from urllib.parse import urlparse
 
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import load_script
 from PIL import Image
 
 from segment.data import msd
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "data_scripts"
-DATA_ROOT = Path(os.environ.get("SEGMENT_DATA_ROOT", ROOT.parent / "shared" / "data"))
-ISBI = DATA_ROOT / "ISBI2012_EM_membrane"
 TASK = "Task04_Hippocampus"
-
-
-def load_script(name: str) -> ModuleType:
-    """Import ``data_scripts/<name>.py``, which is a folder of scripts, not a package."""
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 isbi2012 = load_script("isbi2012_to_nifti")
@@ -58,16 +46,6 @@ def voxels(path: Path) -> np.ndarray:
 
 def one_sentence(message: str) -> bool:
     return "\n" not in message.strip() and message.strip().endswith(".")
-
-
-@pytest.fixture(scope="module")
-def isbi_source() -> Path:
-    if not ISBI.is_dir():
-        reason = f"the ISBI 2012 data is not at {ISBI} (set SEGMENT_DATA_ROOT to the shared data folder)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return ISBI
 
 
 @pytest.fixture(scope="module")

@@ -96,11 +96,11 @@ def test_overlay_colours_labels_and_lost_voxels():
 
 
 def test_the_run_overlay_draws_a_task_with_more_labels_than_the_palette_has_colours():
-    from segment.plots import LABEL_COLOURS, label_colour, overlay_panels
+    from segment.plots import LABEL_COLOURS, label_colour, overlay_panels, released
 
     names = {value: f"label {value}" for value in range(len(LABEL_COLOURS) + 3)}
     mask = np.arange(64).reshape(8, 8) % len(names)
-    figure = overlay_panels(np.random.default_rng(0).random((8, 8)), {"prediction": mask}, names)
-    legend = figure.legends[0]
-    assert [text.get_text() for text in legend.get_texts()] == [names[value] for value in range(1, len(names))]
+    with released(overlay_panels(np.random.default_rng(0).random((8, 8)), {"prediction": mask}, names)) as figure:
+        legend = figure.legends[0]
+        assert [text.get_text() for text in legend.get_texts()] == [names[v] for v in range(1, len(names))]
     assert label_colour(len(LABEL_COLOURS) + 1) == label_colour(1)

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import mlflow
 import pytest
 import torch
@@ -54,6 +55,7 @@ def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
 
 def test_a_short_run_is_fully_tracked_and_its_model_registered(tmp_path, hippocampus_root):
     config = load_config(CONFIG, tiny_hippocampus_overrides(epochs=2))
+    figures_before = plt.get_fignums()
     result = train(config, **in_test_folder(tmp_path, hippocampus_root))
 
     client = store_client(store(tmp_path))
@@ -82,6 +84,7 @@ def test_a_short_run_is_fully_tracked_and_its_model_registered(tmp_path, hippoca
         assert metric_steps(client, result.run_id, key) == [1, 2], key
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "split.json", "learning_curves.png", "validation_overlay.png"} <= artifacts
+    assert not [number for number in plt.get_fignums() if number not in figures_before], "figures released"
 
     assert set(result.best_dice) == {"Anterior", "Posterior"}
     assert 0.0 <= result.best_mean_dice <= 1.0

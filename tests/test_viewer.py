@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, segment_command, set_args, tiny_hippocampus_overrides
+from conftest import ROOT, load_script, segment_command, set_args, tiny_hippocampus_overrides
 from PIL import Image
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
@@ -227,3 +227,25 @@ def test_a_switched_off_skip_can_be_set_beside_a_model_trained_without_it(
     assert table["Dice, switched off vs trained without"].between(0, 1).all()
     assert table["volume, trained without (mL)"].ge(0).all()
     assert "dice vs truth (trained without)" in table.columns
+
+
+def test_an_em_slice_is_measured_in_its_own_micrometres(viewer, isbi_source, tmp_path):
+    """The bundled EM model on a real ISBI slice converted as the task is: sizes, volumes and the
+    NSD tolerance are in micrometres, where 1 mm would cover the whole slice."""
+    isbi2012 = load_script("isbi2012_to_nifti")
+    [(_, image_png, label_png), *_] = isbi2012.find_pairs(isbi_source)
+    image = isbi2012.read_png(image_png)
+    isbi2012.save_slice(image, tmp_path / "slice.nii.gz")
+    isbi2012.save_slice(isbi2012.membrane_label(label_png, image.shape), tmp_path / "membranes.nii.gz")
+
+    app = viewer.selectbox(key="model").set_value("isbi2012_2d (bundled)").run()
+    app = upload(app, "scan", "slice.nii.gz", (tmp_path / "slice.nii.gz").read_bytes())
+    app = upload(app, "truth", "membranes.nii.gz", (tmp_path / "membranes.nii.gz").read_bytes())
+    assert not app.exception and not app.error
+    assert app.toggle(key="skip_0").label.endswith("full resolution, 0.004 µm")
+    assert app.toggle(key="skip_1").label.endswith("1/2 resolution, 0.008 µm"), "pooled within the slice only"
+    table = metrics(app)
+    assert 0.7 < table["dice vs truth (all on)"][0] <= 1.0
+    assert table["volume (µm³)"][0] > 0
+    assert 0.5 < table["nsd vs truth (all on)"][0] < 0.999, "a tolerance of two pixels, not of the whole slice"
+    assert "NSD with a tolerance of 0.008 µm" in " ".join(caption.value for caption in app.caption)

@@ -14,7 +14,7 @@ import torch
 
 from segment.config import ExperimentConfig
 from segment.engine.device import Runtime
-from segment.engine.evaluate import CaseScores, score_case
+from segment.engine.evaluate import NSD_TOLERANCE, CaseScores, score_case
 from segment.engine.inference import SLICES_PER_BATCH, predict_logits
 from segment.engine.predict import PreparedScan, prepare
 from segment.io import Scan
@@ -27,7 +27,7 @@ class MaskChange:
 
     lost: np.ndarray  # bool, labelled in the reference, not (or otherwise) in the mask
     gained: np.ndarray  # bool, labelled in the mask, not (or otherwise) in the reference
-    volume_change_ml: dict[str, float]  # per label: mask volume minus reference volume
+    volume_change: dict[str, float]  # per label: mask volume minus reference volume, in the scan's volume unit
     dice_to_reference: dict[str, float]  # per label: agreement of the two masks
 
 
@@ -90,17 +90,22 @@ class SkipExplorer:
 
     def compare(self, mask: np.ndarray, reference: np.ndarray) -> MaskChange:
         """What changed between ``reference`` (e.g. all skips on) and ``mask``."""
-        voxel_ml = float(np.prod(self.scan.spacing)) / 1000.0
         volume_change, dice = {}, {}
         for value, name in self.config.label_names.items():
             if value == 0:
                 continue
             in_mask, in_reference = mask == value, reference == value
-            volume_change[name] = (int(in_mask.sum()) - int(in_reference.sum())) * voxel_ml
+            volume_change[name] = (int(in_mask.sum()) - int(in_reference.sum())) * self.scan.voxel_volume
             total = int(in_mask.sum()) + int(in_reference.sum())
             dice[name] = 1.0 if total == 0 else 2.0 * int((in_mask & in_reference).sum()) / total
         differs = mask != reference
         return MaskChange(differs & (reference > 0), differs & (mask > 0), volume_change, dice)
+
+    @property
+    def nsd_tolerance(self) -> float:
+        """1 mm for clinical scans; two of the finest voxels for scans in another unit (EM, in
+        micrometres), as `make study` scores the EM task."""
+        return NSD_TOLERANCE if self.scan.unit == "mm" else 2 * min(self.scan.spacing)
 
     def score(self, mask: np.ndarray, truth: np.ndarray) -> CaseScores:
         """Dice, HD95 and NSD of ``mask`` against a ground-truth label array of the same grid."""
@@ -110,4 +115,5 @@ class SkipExplorer:
             truth.round().astype(np.int64),
             self.scan.spacing,
             self.config.label_names,
+            self.nsd_tolerance,
         )

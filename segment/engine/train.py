@@ -523,7 +523,8 @@ class _Loop:
         """Figures and the registered model, once, at the end of a completed run."""
         keys = ["train_loss", "val_mean_dice", *(f"val_dice_{name}" for name in self.state.best_dice)]
         history = tracking.metric_histories(self.state.run_id, keys)
-        mlflow.log_figure(plots.learning_curves(history), "learning_curves.png")
+        with plots.released(plots.learning_curves(history)) as figure:
+            mlflow.log_figure(figure, "learning_curves.png")
         best_dir = self.run_dir / BEST_MODEL_DIR
         if not best_dir.is_dir():
             return None
@@ -548,4 +549,5 @@ class _Loop:
             {k: v[..., index] for k, v in masks.items()},
             self.split.label_names,
         )
-        mlflow.log_figure(figure, "validation_overlay.png")
+        with plots.released(figure):
+            mlflow.log_figure(figure, "validation_overlay.png")
