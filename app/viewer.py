@@ -236,14 +236,18 @@ if skips != tuple(default_skips):
             "No registered model was trained without these skips; train one with "
             f"`--set model.skips=[{','.join(str(int(s)) for s in skips)}] model.skip_dropout=0`."
         )
-    elif st.sidebar.checkbox(f"Side by side: {entry_title(peers[0])}, trained without them", key="side_by_side"):
+    elif st.sidebar.checkbox(
+        f"Side by side: {entry_title(peers[0])}, trained without them", key="side_by_side"
+    ):
         peer_spec, peer_title = peers[0]["uri"], entry_title(peers[0])
         try:
             peer_model, peer_config, peer_runtime = loaded_model(peer_spec)
             # Like the main explorer, only the current scan's is kept: each caches its features.
             if st.session_state.get("peer_explorer_key") != (digest, peer_spec):
                 with st.spinner(f"Segmenting with {peers[0]['name']}..."):
-                    st.session_state["peer_explorer"] = SkipExplorer(peer_model, peer_config, scan, peer_runtime)
+                    st.session_state["peer_explorer"] = SkipExplorer(
+                        peer_model, peer_config, scan, peer_runtime
+                    )
                 st.session_state["peer_explorer_key"] = (digest, peer_spec)
             peer_mask = st.session_state["peer_explorer"].mask()
         except ModelLoadError as error:
@@ -255,16 +259,22 @@ views = {
     "lost": display.same_view(change.lost),
     "gained": display.same_view(change.gained),
 }
-position = tuple(
-    st.sidebar.slider(
-        f"{plane} slice",
-        0,
-        volume.shape[plane_axis(plane)] - 1,
-        volume.shape[plane_axis(plane)] // 2,
-        key=f"slice_{plane}",
-    )
-    for plane in ("sagittal", "coronal", "axial")
-)
+# A single 2D slice (an EM image) has one picture worth showing and no slice to choose.
+planes = [
+    plane
+    for plane in PLANES
+    if all(size > 1 for axis, size in enumerate(volume.shape) if axis != plane_axis(plane))
+] or list(PLANES)
+
+
+def slice_index(plane: str) -> int:
+    size = volume.shape[plane_axis(plane)]
+    if size == 1:
+        return 0
+    return st.sidebar.slider(f"{plane} slice", 0, size - 1, size // 2, key=f"slice_{plane}")
+
+
+position = tuple(slice_index(plane) for plane in ("sagittal", "coronal", "axial"))
 
 legend = " ".join(
     f"<span style='color:rgb{label_colour(value)}'>&#9632;</span> {name}"
@@ -290,13 +300,13 @@ def render(plane: str, labels: np.ndarray | None, lost=None, gained=None) -> Ima
     return Image.fromarray(picture).resize(size, Image.NEAREST)
 
 
-for column, plane in zip(st.columns(3), PLANES, strict=True):
+for column, plane in zip(st.columns(len(planes)), planes, strict=True):
     column.image(render(plane, views["mask"]), caption=plane, width="stretch")
 
 if peer_mask is not None:
     st.markdown(f"**Trained without these skips**: {peer_title}")
     peer_view = display.same_view(peer_mask)
-    for column, plane in zip(st.columns(3), PLANES, strict=True):
+    for column, plane in zip(st.columns(len(planes)), planes, strict=True):
         column.image(render(plane, peer_view), caption=f"{plane}: trained without", width="stretch")
 
 if any(s != d for s, d in zip(skips, default_skips, strict=True)):
@@ -305,7 +315,7 @@ if any(s != d for s, d in zip(skips, default_skips, strict=True)):
         "<span style='color:rgb(66,212,244)'>&#9632;</span> labelled now, not with every skip on.",
         unsafe_allow_html=True,
     )
-    for column, plane in zip(st.columns(3), PLANES, strict=True):
+    for column, plane in zip(st.columns(len(planes)), planes, strict=True):
         column.image(
             render(plane, None, views["lost"], views["gained"]),
             caption=f"{plane}: lost / gained",
@@ -355,7 +365,9 @@ if truth is not None:
     # Metric by metric, so that each one's settings stand side by side.
     for metric in ("dice", "hd95", "nsd"):
         for when, scores in scored.items():
-            table[f"{metric} vs truth ({when})"] = [round(getattr(scores, metric)[name], 4) for name in table["label"]]
+            table[f"{metric} vs truth ({when})"] = [
+                round(getattr(scores, metric)[name], 4) for name in table["label"]
+            ]
 st.dataframe(table, hide_index=True)
 if truth is not None:
     st.caption(f"HD95 in {scan.unit}; NSD with a tolerance of {explorer.nsd_tolerance:g} {scan.unit}.")
