@@ -81,7 +81,7 @@ study: $(INSTALLED)
 	done
 	set -e; for model in isbi2012_2d isbi2012_2d_no_skip_dropout; do \
 		$(BIN)/segment evaluate --model models:/$$model/latest --data data/Task90_ISBI2012 \
-			--split val --ablate-skips --nsd-tolerance 0.008 --tracking-uri $(TRACKING_URI); \
+			--split val --ablate-skips --tracking-uri $(TRACKING_URI); \
 	done
 	$(BIN)/segment report --tracking-uri $(TRACKING_URI) --output benchmarks/study.md
 

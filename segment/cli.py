@@ -350,12 +350,12 @@ def evaluate(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
     max_cases: Annotated[int | None, typer.Option(min=1, help="Score only the first N cases.")] = None,
     nsd_tolerance: Annotated[
-        float,
+        float | None,
         typer.Option(
-            help="NSD tolerance in the scans' spatial unit: mm for clinical scans; "
-            "for the ISBI EM task (micrometres) 0.008 is 2 pixels."
+            help="NSD tolerance in the scans' spatial unit. Default: 1 for scans in mm; two of the "
+            "finest voxels for scans in another unit (the ISBI EM task, in micrometres: 0.008)."
         ),
-    ] = 1.0,
+    ] = None,
     device: DeviceOption = "auto",
     tracking_uri: ModelStoreOption = None,
 ) -> None:
@@ -365,14 +365,19 @@ def evaluate(
     from segment.atomic import write_atomically
     from segment.data.tasks import DataNotFoundError, split_task
     from segment.engine.device import DeviceError, make_runtime
-    from segment.engine.evaluate import evaluate_cases, evaluation_report, skip_settings
-    from segment.io import ScanError
+    from segment.engine.evaluate import (
+        default_nsd_tolerance,
+        evaluate_cases,
+        evaluation_report,
+        skip_settings,
+    )
+    from segment.io import ScanError, read_scan
     from segment.models import as_segmenter, split_mismatch
     from segment.models.sources import MLFLOW_SCHEMES
 
     if split not in ("all", "val"):
         fail(f"--split {split!r}: use all or val.")
-    if not nsd_tolerance > 0:
+    if nsd_tolerance is not None and not nsd_tolerance > 0:
         fail(f"--nsd-tolerance {nsd_tolerance}: give a positive distance.")
     if json_path is not None:
         require_output_file(json_path, "the JSON report")
@@ -397,6 +402,13 @@ def evaluate(
         )
     cases = task.val if split == "val" else sorted(task.train + task.val, key=lambda case: case["image"])
     cases = cases[:max_cases] if max_cases else cases
+    if not cases:
+        fail(f"{data} has no labelled cases to score.")
+    if nsd_tolerance is None:
+        try:
+            nsd_tolerance = default_nsd_tolerance(read_scan(cases[0]["image"]))
+        except ScanError as error:
+            fail(str(error))
     built = network.resolve_skips(None)
     settings = (
         skip_settings(built, full_sweep) if ablate_skips else [tuple(int(on) for on in built)]

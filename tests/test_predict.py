@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import load_script
 from torch.profiler import profile
 
 from segment.engine.device import make_runtime
@@ -321,3 +322,21 @@ def test_the_ablation_never_switches_on_a_skip_the_model_was_built_without():
     ]
     assert skip_settings((False, False)) == [(0, 0)]
     assert skip_settings((True, False, True), full_sweep=True) == [(1, 0, 1), (1, 0, 0), (0, 0, 1), (0, 0, 0)]
+
+
+def test_evaluate_measures_em_boundaries_within_two_pixels_by_default(tmp_path, isbi_source):
+    """The converted EM task is in micrometres: the default NSD tolerance is two 4 nm pixels,
+    not a millimetre that would cover the whole image."""
+    isbi2012 = load_script("isbi2012_to_nifti")
+    task = tmp_path / "Task90_ISBI2012"
+    task.mkdir()
+    isbi2012.write_task(isbi2012.find_pairs(isbi_source)[:2], task)
+    result = run_segment(
+        "evaluate", "--model", "isbi2012_2d", "--data", str(task), "--json", "report.json", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["cases"] == 2
+    assert report["nsd_tolerance"] == pytest.approx(0.008)
+    [membrane] = report["nsd"].values()
+    assert 0.5 < membrane < 0.999

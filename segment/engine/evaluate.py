@@ -18,7 +18,7 @@ from segment.config import ExperimentConfig
 from segment.data.tasks import case_id
 from segment.engine.device import Runtime
 from segment.engine.predict import predict_prepared, prepare
-from segment.io import ScanError, read_scan
+from segment.io import Scan, ScanError, read_scan
 from segment.models import Segmenter
 
 # In the scan's spatial unit, which for clinical scans is the millimetre.
@@ -26,6 +26,12 @@ NSD_TOLERANCE = 1.0
 # MONAI's own surface-distance code passes an argument it has itself deprecated; the warning
 # says nothing a user of this module can act on.
 warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+
+
+def default_nsd_tolerance(scan: Scan) -> float:
+    """1 mm for clinical scans; two of the finest voxels for a scan in another unit (EM, in
+    micrometres), where a millimetre would cover the whole image."""
+    return NSD_TOLERANCE if scan.unit == "mm" else 2 * min(scan.spacing)
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 
 from segment.config import ExperimentConfig
 from segment.engine.device import Runtime
-from segment.engine.evaluate import NSD_TOLERANCE, CaseScores, score_case
+from segment.engine.evaluate import CaseScores, default_nsd_tolerance, score_case
 from segment.engine.inference import SLICES_PER_BATCH, predict_logits
 from segment.engine.predict import PreparedScan, prepare
 from segment.io import Scan
@@ -103,9 +103,7 @@ class SkipExplorer:
 
     @property
     def nsd_tolerance(self) -> float:
-        """1 mm for clinical scans; two of the finest voxels for scans in another unit (EM, in
-        micrometres), as `make study` scores the EM task."""
-        return NSD_TOLERANCE if self.scan.unit == "mm" else 2 * min(self.scan.spacing)
+        return default_nsd_tolerance(self.scan)
 
     def score(self, mask: np.ndarray, truth: np.ndarray) -> CaseScores:
         """Dice, HD95 and NSD of ``mask`` against a ground-truth label array of the same grid."""
