@@ -369,8 +369,9 @@ if truth is not None:
                 round(getattr(scores, metric)[name], 4) for name in table["label"]
             ]
 st.dataframe(table, hide_index=True)
-if truth is not None:
-    st.caption(f"HD95 in {scan.unit}; NSD with a tolerance of {explorer.nsd_tolerance:g} {scan.unit}.")
+if truth is not None and scored:
+    tolerance = scored["now"].nsd_tolerance
+    st.caption(f"HD95 in {scan.unit}; NSD with a tolerance of {tolerance:g} {scan.unit}.")
 
 left, right = st.columns(2)
 left.download_button(

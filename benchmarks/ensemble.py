@@ -53,7 +53,7 @@ def main() -> None:
         candidates = [*probabilities, torch.stack(probabilities).mean(0)]
         for name, member in zip([*args.models, ENSEMBLE], candidates, strict=True):
             mask = prepared.restore(member.argmax(dim=1))
-            scores[name].append(score_case(case["image"], mask, truth, scan.spacing, task.label_names))
+            scores[name].append(score_case(case["image"], mask, truth, scan, task.label_names))
     rows = []
     for name, cases in scores.items():
         dice = mean_scores(cases, "dice")

@@ -365,13 +365,8 @@ def evaluate(
     from segment.atomic import write_atomically
     from segment.data.tasks import DataNotFoundError, split_task
     from segment.engine.device import DeviceError, make_runtime
-    from segment.engine.evaluate import (
-        default_nsd_tolerance,
-        evaluate_cases,
-        evaluation_report,
-        skip_settings,
-    )
-    from segment.io import ScanError, read_scan
+    from segment.engine.evaluate import evaluate_cases, evaluation_report, skip_settings
+    from segment.io import ScanError
     from segment.models import as_segmenter, split_mismatch
     from segment.models.sources import MLFLOW_SCHEMES
 
@@ -404,11 +399,6 @@ def evaluate(
     cases = cases[:max_cases] if max_cases else cases
     if not cases:
         fail(f"{data} has no labelled cases to score.")
-    if nsd_tolerance is None:
-        try:
-            nsd_tolerance = default_nsd_tolerance(read_scan(cases[0]["image"]))
-        except ScanError as error:
-            fail(str(error))
     built = network.resolve_skips(None)
     settings = (
         skip_settings(built, full_sweep) if ablate_skips else [tuple(int(on) for on in built)]
@@ -426,7 +416,7 @@ def evaluate(
         )
     except ScanError as error:
         fail(str(error))
-    report = evaluation_report(model, results, ablate_skips, nsd_tolerance)
+    report = evaluation_report(model, results, ablate_skips)
     _print_report(report)
     if json_path is not None:
         write_atomically(json_path, lambda temporary: temporary.write_text(json.dumps(report, indent=2)))
@@ -572,12 +562,12 @@ def viewer(
 def _print_report(report: dict) -> None:
     typer.echo(
         f"{report['model']}: {report['cases']} cases, mean Dice {report['mean_dice']:.4f} "
-        f"(HD95 and NSD tolerance {report['nsd_tolerance']:g} in the scans' unit, mm for clinical scans)"
+        f"(HD95 in {report['unit']}, NSD within {report['nsd_tolerance']:g} {report['unit']})"
     )
     for name in report["dice"]:
         typer.echo(
             f"  {name:>12}: Dice {report['dice'][name]:.4f}  HD95 {report['hd95'][name]:.2f}  "
-            f"NSD {report['nsd'][name]:.4f}  volume {report['volume_ml'][name]:.3f} mL"
+            f"NSD {report['nsd'][name]:.4f}  volume {report['volume'][name]:.4g} {report['volume_unit']}"
         )
     for row in report.get("ablation", []):
         skips = "".join(str(flag) for flag in row["skips"])

@@ -319,15 +319,14 @@ def evaluation_markdown(report: dict) -> str:
     lines = [
         f"# {report['model']}: {report['cases']} cases, mean Dice {report['mean_dice']:.4f}",
         "",
-        "Distances are in the scans' spatial unit (mm for clinical scans).",
-        "",
-        f"| label | Dice | HD95 | NSD ({report['nsd_tolerance']:g} tolerance) | volume (mL) |",
+        f"| label | Dice | HD95 ({report['unit']}) | NSD (within {report['nsd_tolerance']:g} {report['unit']}) "
+        f"| volume ({report['volume_unit']}) |",
         "| --- | --- | --- | --- | --- |",
     ]
     for label in labels:
         lines.append(
             f"| {label} | {report['dice'][label]:.4f} | {report['hd95'][label]:.2f} | "
-            f"{report['nsd'][label]:.4f} | {report['volume_ml'][label]:.3f} |"
+            f"{report['nsd'][label]:.4f} | {report['volume'][label]:.4g} |"
         )
     if "ablation" in report:
         lines += [

@@ -326,6 +326,7 @@ def cropped(image: nib.Nifti1Image) -> nib.Nifti1Image:
         ("affine", "the label's shape or affine differs from the image's"),
         ("shape", "the label's shape or affine differs from the image's"),
         ("cut image", "is not a readable NIfTI file"),
+        ("unit", "is in µm but"),
     ],
 )
 def test_evaluate_refuses_a_case_whose_files_do_not_fit_and_writes_no_json(
@@ -336,6 +337,11 @@ def test_evaluate_refuses_a_case_whose_files_do_not_fit_and_writes_no_json(
     image_path, label_path = task / second["image"], task / second["label"]
     if change == "cut image":
         image_path.write_bytes(image_path.read_bytes()[:-10_000])
+    elif change == "unit":  # a mean of millimetres and micrometres would mean nothing
+        for path in (image_path, label_path):
+            image = nib.load(path)
+            image.header.set_xyzt_units(xyz="micron")
+            nib.save(nib.Nifti1Image(np.asarray(image.dataobj), image.affine, image.header), path)
     else:
         nib.save((shifted if change == "affine" else cropped)(nib.load(label_path)), label_path)
     monkeypatch.chdir(tmp_path)

@@ -242,7 +242,9 @@ def test_evaluate_writes_the_documented_json_with_every_skip_level_ablated(tmp_p
     assert settings == [[1, 1, 1, 1], [0, 1, 1, 1], [1, 0, 1, 1], [1, 1, 0, 1], [1, 1, 1, 0], [0, 0, 0, 0]]
     assert report["ablation"][0]["mean_dice"] == pytest.approx(report["mean_dice"])
     assert report["ablation"][-1]["mean_dice"] < report["mean_dice"]
-    assert report["nsd_tolerance"] == 1.0
+    assert (report["unit"], report["nsd_tolerance"], report["volume_unit"]) == ("mm", 1.0, "mL")
+    assert all(0.5 < volume < 5.0 for volume in report["volume"].values()), "a hippocampus is a few mL"
+    assert set(report["per_case"][0]) == {"case", "dice", "hd95", "nsd", "volume"}
 
 
 def test_nsd_counts_boundary_voxels_within_the_tolerance_in_the_scans_unit(hippocampus_root):
@@ -250,8 +252,8 @@ def test_nsd_counts_boundary_voxels_within_the_tolerance_in_the_scans_unit(hippo
     truth = label.array.round().astype(np.int64)
     shifted = np.roll(truth, 1, axis=0)  # every boundary one voxel (1 mm) out
     names = {0: "background", 1: "Anterior", 2: "Posterior"}
-    within = score_case(CASE, shifted, truth, label.spacing, names, nsd_tolerance=1.0)
-    tighter = score_case(CASE, shifted, truth, label.spacing, names, nsd_tolerance=0.5)
+    within = score_case(CASE, shifted, truth, label, names, nsd_tolerance=1.0)
+    tighter = score_case(CASE, shifted, truth, label, names, nsd_tolerance=0.5)
     assert all(within.nsd[name] > 0.9 for name in ("Anterior", "Posterior"))
     assert all(tighter.nsd[name] < within.nsd[name] - 0.2 for name in ("Anterior", "Posterior"))
 
@@ -337,6 +339,10 @@ def test_evaluate_measures_em_boundaries_within_two_pixels_by_default(tmp_path, 
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["cases"] == 2
+    assert report["unit"] == "µm"
     assert report["nsd_tolerance"] == pytest.approx(0.008)
+    # A 512 x 512 slice of 4 x 4 x 50 nm voxels holds 0.2 µm³; membrane is about a fifth of it.
+    assert report["volume_unit"] == "µm³"
+    assert 0.01 < report["volume"]["membrane"] < 0.2
     [membrane] = report["nsd"].values()
     assert 0.5 < membrane < 0.999

@@ -36,24 +36,28 @@ def default_nsd_tolerance(scan: Scan) -> float:
 
 @dataclass
 class CaseScores:
-    """Per-label scores of one case, keyed by label name."""
+    """Per-label scores of one case, keyed by label name; distances in the scan's ``unit``."""
 
     case: str
+    unit: str = "mm"
+    nsd_tolerance: float = NSD_TOLERANCE
+    volume_unit: str = "mL"
     dice: dict[str, float] = field(default_factory=dict)
-    hd95: dict[str, float] = field(default_factory=dict)  # mm; NaN when either mask is empty
+    hd95: dict[str, float] = field(default_factory=dict)  # NaN when either mask is empty
     nsd: dict[str, float] = field(default_factory=dict)
-    volume_ml: dict[str, float] = field(default_factory=dict)  # of the prediction
+    volume: dict[str, float] = field(default_factory=dict)  # of the prediction, in volume_unit
 
 
 def score_case(
     case: str,
     prediction: np.ndarray,
     truth: np.ndarray,
-    spacing: tuple[float, ...],
+    scan: Scan,
     label_names: dict[int, str],
-    nsd_tolerance: float = NSD_TOLERANCE,
+    nsd_tolerance: float | None = None,
 ) -> CaseScores:
-    """prediction, truth: integer label arrays of one shape; spacing: mm per array axis."""
+    """prediction, truth: integer label arrays in ``scan``'s voxel grid, whose spacing and unit
+    the distances and volumes take; the NSD tolerance defaults to :func:`default_nsd_tolerance`."""
     if prediction.shape != truth.shape:
         raise ValueError(f"{case}: prediction {prediction.shape} and label {truth.shape} differ in shape")
     classes = max(label_names) + 1
@@ -67,12 +71,11 @@ def score_case(
         for labels in (prediction, truth)
     )
     dice = compute_dice(predicted, expected, include_background=False, ignore_empty=False)[0]
-    hd95 = compute_hausdorff_distance(predicted, expected, percentile=95, spacing=list(spacing))[0]
-    nsd = compute_surface_dice(
-        predicted, expected, [nsd_tolerance] * (classes - 1), spacing=list(spacing)
-    )[0]
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    scores = CaseScores(case)
+    spacing = list(scan.spacing)
+    tolerance = default_nsd_tolerance(scan) if nsd_tolerance is None else nsd_tolerance
+    hd95 = compute_hausdorff_distance(predicted, expected, percentile=95, spacing=spacing)[0]
+    nsd = compute_surface_dice(predicted, expected, [tolerance] * (classes - 1), spacing=spacing)[0]
+    scores = CaseScores(case, scan.unit, tolerance, scan.volume_unit)
     for index, value in enumerate(range(1, classes)):
         name = label_names.get(value, str(value))
         present = (prediction == value).any(), (truth == value).any()
@@ -80,7 +83,7 @@ def score_case(
         scores.hd95[name] = float(hd95[index]) if all(present) else math.nan
         # Both empty: nothing to find and nothing found, a perfect boundary score.
         scores.nsd[name] = 1.0 if not any(present) else float(nsd[index]) if all(present) else 0.0
-        scores.volume_ml[name] = float((prediction == value).sum()) * voxel_ml
+        scores.volume[name] = float((prediction == value).sum()) * scan.voxel_volume
     return scores
 
 
@@ -119,11 +122,15 @@ def evaluate_cases(
     label_names: dict[int, str],
     settings: list[tuple[int, ...]],
     progress: bool = False,
-    nsd_tolerance: float = NSD_TOLERANCE,
+    nsd_tolerance: float | None = None,
 ) -> dict[tuple[int, ...], list[CaseScores]]:
     """Score ``model`` on labelled ``cases`` (dicts with image and label paths) under each skip
-    setting. Each scan is read and prepared once; only the network re-runs per setting."""
+    setting. Each scan is read and prepared once; only the network re-runs per setting.
+
+    Without ``nsd_tolerance``, the first scan sets it (:func:`default_nsd_tolerance`) for every
+    case, so that all NSDs in a mean count the same distance; the scans must share one unit."""
     results: dict[tuple[int, ...], list[CaseScores]] = {setting: [] for setting in settings}
+    first: Scan | None = None
     for case in tqdm(cases, desc="cases", disable=not progress):
         scan, label = read_scan(case["image"]), read_scan(case["label"])
         if label.array.shape != scan.array.shape or not np.allclose(label.affine, scan.affine, atol=1e-3):
@@ -131,12 +138,20 @@ def evaluate_cases(
                 f"{case_id(case)}: the label's shape or affine differs from the image's; "
                 f"check that {label.path.name} is the labelling of {scan.path.name}."
             )
+        if first is None:
+            first = scan
+            nsd_tolerance = default_nsd_tolerance(scan) if nsd_tolerance is None else nsd_tolerance
+        elif scan.unit != first.unit:
+            raise ScanError(
+                f"{case_id(case)} is in {scan.unit} but {first.path.name} is in {first.unit}; "
+                "evaluate scans of one spatial unit together, so that distances and volumes average."
+            )
         truth = label.array.round().astype(np.int64)
         prepared = prepare(scan, config)
         for setting in settings:
             prediction = predict_prepared(model, config, prepared, runtime, setting)
             results[setting].append(
-                score_case(case_id(case), prediction, truth, scan.spacing, label_names, nsd_tolerance)
+                score_case(case_id(case), prediction, truth, scan, label_names, nsd_tolerance)
             )
     return results
 
@@ -145,7 +160,6 @@ def evaluation_report(
     model_name: str,
     results: dict[tuple[int, ...], list[CaseScores]],
     ablation: bool,
-    nsd_tolerance: float = NSD_TOLERANCE,
 ) -> dict:
     """The documented JSON shape (README, "Evaluation")."""
     settings = list(results)
@@ -154,13 +168,18 @@ def evaluation_report(
     report = {
         "model": model_name,
         "cases": len(baseline),
+        "unit": baseline[0].unit,
         "mean_dice": float(np.mean(list(dice.values()))),
         "dice": dice,
         "hd95": mean_scores(baseline, "hd95"),
         "nsd": mean_scores(baseline, "nsd"),
-        "nsd_tolerance": nsd_tolerance,
-        "volume_ml": mean_scores(baseline, "volume_ml"),
-        "per_case": [vars(case) for case in baseline],
+        "nsd_tolerance": baseline[0].nsd_tolerance,
+        "volume": mean_scores(baseline, "volume"),
+        "volume_unit": baseline[0].volume_unit,
+        "per_case": [
+            {metric: getattr(case, metric) for metric in ("case", "dice", "hd95", "nsd", "volume")}
+            for case in baseline
+        ],
     }
     if ablation:
         report["ablation"] = []

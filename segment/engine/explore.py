@@ -14,7 +14,7 @@ import torch
 
 from segment.config import ExperimentConfig
 from segment.engine.device import Runtime
-from segment.engine.evaluate import CaseScores, default_nsd_tolerance, score_case
+from segment.engine.evaluate import CaseScores, score_case
 from segment.engine.inference import SLICES_PER_BATCH, predict_logits
 from segment.engine.predict import PreparedScan, prepare
 from segment.io import Scan
@@ -101,17 +101,12 @@ class SkipExplorer:
         differs = mask != reference
         return MaskChange(differs & (reference > 0), differs & (mask > 0), volume_change, dice)
 
-    @property
-    def nsd_tolerance(self) -> float:
-        return default_nsd_tolerance(self.scan)
-
     def score(self, mask: np.ndarray, truth: np.ndarray) -> CaseScores:
         """Dice, HD95 and NSD of ``mask`` against a ground-truth label array of the same grid."""
         return score_case(
             self.scan.path.name,
             mask,
             truth.round().astype(np.int64),
-            self.scan.spacing,
+            self.scan,
             self.config.label_names,
-            self.nsd_tolerance,
         )
