@@ -5,6 +5,7 @@ import torch
 
 from segment.config import ModelConfig
 from segment.models import build_model
+from segment.models.blocks import InstanceNorm
 
 ODD_SIZES = {2: (37, 51), 3: (19, 27, 21)}
 
@@ -136,6 +137,23 @@ def test_deep_supervision_adds_coarser_outputs_in_training_only():
     # Each coarser level is half its finer neighbour's size, rounded up.
     assert [tuple(o.shape[2:]) for o in outputs] == [(19, 27, 21), (10, 14, 11), (5, 7, 6)]
     sum(o.square().mean() for o in outputs[1:]).backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.deep_supervision_heads.parameters())
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in model.deep_supervision_heads.parameters()
+    )
     with torch.no_grad():
         assert model.eval()(x).shape == (2, 3, 19, 27, 21)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_instance_norm_is_torchs_instance_norm_and_keeps_channels_last(spatial_dims):
+    torch_norm = (torch.nn.InstanceNorm2d if spatial_dims == 2 else torch.nn.InstanceNorm3d)(6, affine=True)
+    with torch.no_grad():
+        torch_norm.weight.uniform_(0.5, 2.0)
+        torch_norm.bias.uniform_(-1.0, 1.0)
+    ours = InstanceNorm(6)
+    ours.load_state_dict(torch_norm.state_dict())  # weights trained with either load into the other
+    layout = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+    x = (3 * torch.randn(2, 6, *(9, 7, 5)[:spatial_dims]) + 1).contiguous(memory_format=layout)
+    out = ours(x)
+    torch.testing.assert_close(out, torch_norm(x), atol=1e-5, rtol=1e-5)
+    assert out.is_contiguous(memory_format=layout)

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 from monai.networks.blocks import Convolution
-from monai.networks.layers import Conv, get_norm_layer
+from monai.networks.layers import Conv, Norm, get_norm_layer
 from monai.networks.nets.basic_unet import TwoConv
 from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from torch import nn
 
 from segment.config import ModelConfig
 
-_NORMS = {"instance": ("instance", {"affine": True}), "batch": ("batch", {})}
+
+class InstanceNorm(nn.GroupNorm):
+    """Instance normalisation as a group norm with one group per channel: the same function and
+    the same parameters (``weight``, ``bias``) as ``nn.InstanceNorm3d(affine=True)``, so weights
+    load either way. PyTorch's CPU instance norm returns a channels-first tensor from a
+    channels-last one, which the next convolution copies back; its group norm keeps the layout
+    (for the bundled ensemble these copies were a fifth of the CPU inference time)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True) -> None:
+        super().__init__(num_features, num_features, eps=eps, affine=affine)
+
+
+Norm.add_factory_class("channelwise_instance", InstanceNorm)
+_NORMS = {"instance": ("channelwise_instance", {}), "batch": ("batch", {})}
 _ACTS = {
     "leakyrelu": ("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
     "relu": ("relu", {"inplace": True}),
