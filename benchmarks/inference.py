@@ -1,7 +1,8 @@
 """Seconds per hippocampus volume on this machine, after warm-up: the network alone and the whole
-path (read the file, orient and normalise, predict, map back, write the mask). In fp32 on the CPU
-the network is also timed with PyTorch's own choice of convolution kernel, side by side with
-ours (every convolution through oneDNN, segment/engine/device.py).
+path (read the file, orient and normalise, predict, map back, write the mask). The network is
+also timed, volume by volume in turn, as plain PyTorch would run it, one choice of ours undone at
+a time: PyTorch's own choice of convolution kernel in place of oneDNN's (fp32 CPUs only,
+segment/engine/device.py), and PyTorch's InstanceNorm in place of ours (segment/models/blocks.py).
 
     make bench            # all sections; or alone: python benchmarks/inference.py [--quick]
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 from common import Row, finish, precision, section_parser
+from torch import nn
 
 from segment.data.tasks import resolve_data_root
 from segment.engine.device import make_runtime
@@ -24,23 +26,48 @@ from segment.engine.inference import predict_logits
 from segment.engine.predict import prepare
 from segment.io import read_scan, write_mask
 from segment.models import load_model
+from segment.models.blocks import InstanceNorm
 from segment.models.sources import resolve_model
+
+REFERENCES = {
+    "pytorch_kernel_choice": "PyTorch's own convolution kernels",
+    "pytorch_instance_norm": "PyTorch's InstanceNorm in place of ours",
+}
+
+
+def with_pytorch_instance_norm(model: nn.Module) -> nn.Module | None:
+    """A copy of ``model`` with PyTorch's InstanceNormNd (same weights) in place of ours;
+    None when the model has no instance norm."""
+    model = copy.deepcopy(model)
+    torch_norm_type = nn.InstanceNorm2d if model.config.spatial_dims == 2 else nn.InstanceNorm3d
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, InstanceNorm):
+                torch_norm = torch_norm_type(child.num_channels, eps=child.eps, affine=child.affine)
+                torch_norm.load_state_dict(child.state_dict())
+                setattr(parent, name, torch_norm)
+                replaced += 1
+    return model if replaced else None
 
 
 def measure(model_spec: str, cases: int, warmup: int, data_root: str | None) -> dict:
     model, config = load_model(resolve_model(model_spec))
     runtime = make_runtime("cpu", config.trainer.amp, config.trainer.channels_last)
-    reference = None
+    references = {}
     if runtime.onednn_convolutions:
-        reference_runtime = dataclasses.replace(runtime, onednn_convolutions=False)
-        reference = reference_runtime.prepare_model(copy.deepcopy(model))
+        kernel_runtime = dataclasses.replace(runtime, onednn_convolutions=False)
+        references["pytorch_kernel_choice"] = kernel_runtime.prepare_model(copy.deepcopy(model))
+    if (torch_norm_model := with_pytorch_instance_norm(model)) is not None:
+        references["pytorch_instance_norm"] = runtime.prepare_model(torch_norm_model)
     model = runtime.prepare_model(model)
     images = sorted((resolve_data_root(data_root) / config.data.task / "imagesTr").glob("*.nii.gz"))
     if len(images) < cases:
         raise SystemExit(
             f"Fewer than {cases} {config.data.task} images under the data root; set SEGMENT_DATA_ROOT."
         )
-    network_seconds, total_seconds, reference_seconds = [], [], []
+    network_seconds, total_seconds = [], []
+    reference_seconds = {key: [] for key in references}
     with tempfile.TemporaryDirectory() as folder:
         # The warm-up volumes are the first timed ones too: same sizes, so the same kernels.
         for index, image in enumerate([*images[:warmup], *images[:cases]]):
@@ -55,11 +82,11 @@ def measure(model_spec: str, cases: int, warmup: int, data_root: str | None) -> 
             if index >= warmup:
                 network_seconds.append(network_end - network_start)
                 total_seconds.append(time.perf_counter() - start)
-            if reference is not None:
+            for key, reference in references.items():
                 reference_start = time.perf_counter()
                 predict_logits(reference, prepared.volume, runtime, config.trainer.roi_size)
                 if index >= warmup:
-                    reference_seconds.append(time.perf_counter() - reference_start)
+                    reference_seconds[key].append(time.perf_counter() - reference_start)
     return {
         "model": model_spec,
         "task": config.data.task,
@@ -69,9 +96,12 @@ def measure(model_spec: str, cases: int, warmup: int, data_root: str | None) -> 
         "torch_threads": torch.get_num_threads(),
         "network_seconds_per_volume": round(statistics.median(network_seconds), 4),
         "file_to_mask_seconds_per_volume": round(statistics.median(total_seconds), 4),
-        "pytorch_kernel_choice_network_seconds_per_volume": (
-            round(statistics.median(reference_seconds), 4) if reference_seconds else None
-        ),
+        **{
+            f"{key}_network_seconds_per_volume": (
+                round(statistics.median(reference_seconds[key]), 4) if key in reference_seconds else None
+            )
+            for key in REFERENCES
+        },
     }
 
 
@@ -81,12 +111,13 @@ def rows(result: dict) -> list[Row]:
         (f"network seconds per hippocampus volume ({where})", f"{result['network_seconds_per_volume']:.3f}"),
         ("file to mask seconds per hippocampus volume", f"{result['file_to_mask_seconds_per_volume']:.3f}"),
     ]
-    reference = result.get("pytorch_kernel_choice_network_seconds_per_volume")
-    if reference is not None:
-        ratio = reference / result["network_seconds_per_volume"]
-        table.append(
-            ("network seconds per volume, PyTorch's own convolution kernels (reference)", f"{reference:.3f} ({ratio:.1f}x ours)")
-        )
+    for key, what in REFERENCES.items():
+        reference = result.get(f"{key}_network_seconds_per_volume")
+        if reference is not None:
+            ratio = reference / result["network_seconds_per_volume"]
+            table.append(
+                (f"network seconds per volume, {what} (reference)", f"{reference:.3f} ({ratio:.2f}x ours)")
+            )
     return table
 
 
