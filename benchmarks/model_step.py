@@ -18,7 +18,7 @@ import torch
 from common import ROOT, Row, describe_machine, finish, percent_of, precision, section_parser, shape_label
 from monai.networks.nets import BasicUNet
 from monai.networks.nets import UNet as MonaiUNet
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from segment.config import load_config
 from segment.engine.device import Runtime, make_runtime
@@ -72,10 +72,17 @@ def interleaved_seconds(steps: dict[str, Step], warmup: int, repeats: int) -> di
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def _onednn_convolution_flops(x_shape, w_shape, bias, padding, stride, dilation, groups, out_shape=None, **_):
+    return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+
 def counted_flops(step: Step) -> int:
     """FLOPs of one step as torch counts them: convolutions and matrix products (two per
-    multiply-add); normalisation, activations and the optimiser update are not counted."""
-    with FlopCounterMode(display=False) as counter:
+    multiply-add); normalisation, activations and the optimiser update are not counted.
+    torch's counter knows ``aten.convolution`` only, so the direct oneDNN calls segment makes
+    on fp32 CPUs (segment/engine/device.py) are counted the same way here."""
+    mapping = {torch.ops.aten.mkldnn_convolution: _onednn_convolution_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         step()
     return counter.get_total_flops()
 
