@@ -38,17 +38,17 @@ REFERENCES = {
 def with_pytorch_instance_norm(model: nn.Module) -> nn.Module | None:
     """A copy of ``model`` with PyTorch's InstanceNormNd (same weights) in place of ours;
     None when the model has no instance norm."""
+    if not any(isinstance(module, InstanceNorm) for module in model.modules()):
+        return None
     model = copy.deepcopy(model)
     torch_norm_type = nn.InstanceNorm2d if model.config.spatial_dims == 2 else nn.InstanceNorm3d
-    replaced = 0
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, InstanceNorm):
                 torch_norm = torch_norm_type(child.num_channels, eps=child.eps, affine=child.affine)
                 torch_norm.load_state_dict(child.state_dict())
                 setattr(parent, name, torch_norm)
-                replaced += 1
-    return model if replaced else None
+    return model
 
 
 def measure(model_spec: str, cases: int, warmup: int, data_root: str | None) -> dict:

@@ -93,12 +93,12 @@ def route_convolutions_through_onednn(model: nn.Module) -> None:
 def cpu_supports_bf16() -> bool:
     """Native bf16 arithmetic (AVX-512 BF16 or AMX). oneDNN also accepts plain AVX-512, where
     it emulates bf16 and autocast runs slower than fp32 (measured: 0.30 s per volume)."""
+    onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:  # not Linux: trust oneDNN alone
-        flags = {"avx512_bf16"}
-    native = bool(flags & {"avx512_bf16", "amx_bf16"})
-    return native and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return onednn
+    return onednn and bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def choose_device(requested: str = "auto") -> torch.device:
