@@ -14,7 +14,7 @@ STUDY_EPOCHS ?= 30
 # The default 3D model's long skips with one level off at a time, finest first.
 LEVEL_OFF_SKIPS := 0111 1011 1101 1110
 
-.PHONY: setup test lint browser bench lock train mlflow-ui study app
+.PHONY: setup test test-fast lint browser bench lock train mlflow-ui study app docs
 
 $(INSTALLED): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,7 @@ $(INSTALLED): requirements.lock pyproject.toml
 setup: $(INSTALLED)
 
 lint: $(INSTALLED)
-	$(BIN)/ruff check segment app tests benchmarks data_scripts
+	$(BIN)/ruff check segment app tests benchmarks data_scripts docs
 
 # The browser test drives Debian's Chromium; install it where apt-get may run (CI runs as root).
 browser:
@@ -36,6 +36,10 @@ browser:
 
 test: lint browser
 	$(BIN)/pytest
+
+# The tests that neither train nor start the segment command or a server: under a minute.
+test-fast: $(INSTALLED)
+	$(BIN)/pytest -m "not slow" -q
 
 train: $(INSTALLED)
 	$(BIN)/segment train --config $(CONFIG) --tracking-uri $(TRACKING_URI) $(ARGS)
@@ -84,6 +88,10 @@ study: $(INSTALLED)
 			--split val --ablate-skips --tracking-uri $(TRACKING_URI); \
 	done
 	$(BIN)/segment report --tracking-uri $(TRACKING_URI) --output benchmarks/study.md
+
+# The generated halves of docs/cli.md and docs/configs.md, from the CLI and segment/config/sections.py.
+docs: $(INSTALLED)
+	$(BIN)/python docs/generate.py
 
 # One table, and benchmarks/results.json (commit it after a real run on an idle machine).
 bench: $(INSTALLED)

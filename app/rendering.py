@@ -1,5 +1,6 @@
 """Turning volumes and masks into RGB slice pictures: display orientation, intensity windows,
-label overlays, crosshairs. Pure numpy; nothing here knows about models or Streamlit."""
+label overlays, crosshairs. Pure numpy (and PIL for the final picture); nothing here knows
+about models or Streamlit."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
+from PIL import Image
 
 from segment import plots
 
@@ -152,3 +154,44 @@ def plane_pixel_mm(plane: str, spacing: tuple[float, float, float]) -> tuple[flo
     """(row, column) pixel size in mm of :func:`plane_slice`'s picture."""
     sx, sy, sz = spacing
     return {"axial": (sy, sx), "coronal": (sz, sx), "sagittal": (sz, sy)}[plane]
+
+
+@dataclass(frozen=True)
+class Style:
+    """How a slice is drawn: the intensity window and the mask overlay."""
+
+    level: float
+    width: float
+    opacity: float = 0.45
+    filled: bool = True  # else outlined
+
+
+def plane_picture(
+    display: DisplayVolume,
+    plane: str,
+    position: tuple[int, int, int],
+    style: Style,
+    labels: np.ndarray | None = None,
+    lost: np.ndarray | None = None,
+    gained: np.ndarray | None = None,
+) -> Image.Image:
+    """One plane of ``display`` at ``position`` (RAS voxel indices) with the crosshair, the
+    labels and the lost and gained voxels (arrays already in :meth:`DisplayVolume.same_view`),
+    scaled to its physical aspect ratio."""
+    index = position[plane_axis(plane)]
+
+    def cut(array: np.ndarray | None) -> np.ndarray | None:
+        return None if array is None else plane_slice(array, plane, index)
+
+    grey = window(plane_slice(display.data, plane, index), style.level, style.width)
+    picture = compose(
+        grey,
+        cut(labels),
+        style.opacity,
+        style.filled,
+        crosshair(plane, position, display.data.shape),
+        cut(lost),
+        cut(gained),
+    )
+    size = display_size(grey.shape, plane_pixel_mm(plane, display.spacing))
+    return Image.fromarray(picture).resize(size, Image.NEAREST)

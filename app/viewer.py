@@ -1,392 +1,378 @@
 """The segment viewer: upload a scan, see the mask, switch long skips off, see what is lost.
 
 Run with `make app` or `segment app`. Every model call goes through the segment library (the
-same code as the CLI); this page only arranges widgets and pictures.
+same code as the CLI); what the page shows is computed by :mod:`segment.app.page_state` and
+:mod:`segment.app.rendering` without Streamlit. The functions here only read widgets and lay
+out what those return: :func:`main` calls one function per section of the page.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import tempfile
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import streamlit as st
-from PIL import Image
-from rendering import (
-    AUTO_PRESET,
-    CT_PRESETS,
-    PLANES,
-    DisplayVolume,
-    auto_window,
-    compose,
-    crosshair,
-    display_size,
-    label_colour,
-    plane_axis,
-    plane_pixel_mm,
-    plane_slice,
-    window,
+from segment.app.page_state import (
+    LOST_LEGEND,
+    PeerMask,
+    Slot,
+    Upload,
+    against_all_on,
+    default_preset,
+    digest,
+    distance_caption,
+    mask_nifti,
+    mask_summary,
+    metrics_table,
+    model_choices,
+    peer_for,
+    preset_window,
+    read_upload,
+    skip_switches,
+    table_csv,
+    train_without_hint,
+    training_notice,
+    upload_names,
+    visible_planes,
+    window_presets,
 )
+from segment.app.rendering import DisplayVolume, Style, auto_window, plane_axis, plane_picture
 
-from segment import tracking
-from segment.engine.device import make_runtime
-from segment.engine.explore import SkipExplorer
-from segment.io import ScanError, read_scan, write_mask
-from segment.models import ModelLoadError, load_model
-from segment.models.sources import bundled_models, resolve_model
+from segment.engine.metrics import CaseScores
+from segment.engine.skip_explorer import MaskChange, SkipExplorer
+from segment.errors import SegmentError
+from segment.io import check_label_matches
+from segment.models.sources import bundled_models
+from segment.tracking.runs import RegisteredModel, registered_models
+from segment.tracking.store import resolve_tracking_uri, use_store
+from segment.workflows import LoadedModel, load
 
-NIFTI_NAMES = (".nii", ".nii.gz")
-
-st.set_page_config(page_title="segment viewer", layout="wide")
+REGISTRY_TTL_S = 30  # how often the registered models are read again
 
 
-@st.cache_data(ttl=30, show_spinner=False)
-def registered_models_in(store: str) -> list[dict]:
-    """MLflow's registered models (re-read every 30 s), or none when the store is unusable."""
+# --- shared across sessions ---------------------------------------------------------------------
+
+
+@st.cache_data(ttl=REGISTRY_TTL_S, show_spinner=False)
+def registered_in(store: str) -> tuple[list[RegisteredModel], str | None]:
+    """MLflow's registered models and, when the store is unusable, none and why."""
     try:
-        tracking.use_store(store)
-        return tracking.registered_models()
-    except Exception as error:  # an unreachable or broken store must not take the viewer down
-        st.sidebar.caption(f"MLflow models unavailable: {error.__class__.__name__}")
-        return []
-
-
-def registered_models() -> list[dict]:
-    return registered_models_in(tracking.resolve_tracking_uri())
-
-
-def entry_title(entry: dict) -> str:
-    dice = "" if entry["val_mean_dice"] is None else f", val Dice {entry['val_mean_dice']:.3f}"
-    return f"{entry['name']} v{entry['version']} ({entry['task']}{dice})"
-
-
-def model_choices() -> dict[str, str]:
-    """Display name -> model spec: bundled models first, then MLflow's registered models."""
-    choices = {f"{name} (bundled)": name for name in bundled_models()}
-    choices |= {entry_title(entry): entry["uri"] for entry in registered_models()}
-    return choices
+        use_store(store)
+        return registered_models(), None
+    # An unreachable or broken store must not take the viewer down: besides TrackingError, a
+    # store that is not a database fails inside MLflow's client before the library sees it.
+    except Exception as error:
+        return [], f"MLflow models unavailable: {error.__class__.__name__}"
 
 
 @st.cache_resource(show_spinner=False)
-def loaded_model_from(spec: str, store: str):
-    """One shared, read-only model per spec and store for every session; skip masks are arguments."""
-    model, config = load_model(resolve_model(spec, store))
-    runtime = make_runtime("auto", config.trainer.amp, config.trainer.channels_last)
-    return runtime.prepare_model(model).eval(), config, runtime
+def shared_model(spec: str, store: str) -> LoadedModel:
+    """One read-only model per spec and store for every session; skip masks are arguments."""
+    return load(spec, tracking_uri=store)
 
 
-def loaded_model(spec: str):
-    return loaded_model_from(spec, tracking.resolve_tracking_uri())
+def session_slot(name: str) -> Slot:
+    """A :class:`Slot` of this browser session, kept across reruns."""
+    return st.session_state.setdefault(f"_slot_{name}", Slot())
 
 
-def read_upload(upload, what: str):
-    """The uploaded bytes as a Scan, parsed once per upload (slider moves rerun this page).
-
-    The file is written under a name we choose: the uploaded name is only checked, never used
-    as a path."""
-    name = upload.name.lower()
-    if not name.endswith(NIFTI_NAMES):
-        raise ScanError(f"The {what} {upload.name!r} is not a NIfTI file; upload .nii or .nii.gz.")
-    data = upload.getvalue()
-    digest = hashlib.sha256(data).hexdigest()
-    parsed = st.session_state.setdefault("parsed_uploads", {})
-    if parsed.get(what, (None, None))[0] != digest:
-        suffix = ".nii.gz" if name.endswith(".nii.gz") else ".nii"
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / f"{what}{suffix}"
-            path.write_bytes(data)
-            try:
-                parsed[what] = (digest, read_scan(path))
-            except ScanError as error:
-                # The message should name the file the user chose, not our temporary copy.
-                raise ScanError(str(error).replace(path.name, upload.name)) from None
-    return parsed[what][1], digest
+# --- one case: a scan under a model -------------------------------------------------------------
 
 
-def level_labels(config, scan) -> list[str]:
-    """``level 1 - full resolution, 1 mm`` ... for each long skip, in the scan's unit."""
-    # A 2D model pools within the axial slice only.
-    spacing = (config.data.spacing or scan.spacing)[: config.model.spatial_dims]
-    labels = []
-    for level in range(1, config.model.levels):
-        factor = 2 ** (level - 1)
-        size = (
-            " x ".join(f"{s * factor:g}" for s in spacing)
-            if len(set(spacing)) > 1
-            else f"{spacing[0] * factor:g}"
-        )
-        scale = "full resolution" if level == 1 else f"1/{factor} resolution"
-        labels.append(f"level {level} - {scale}, {size} {scan.unit}")
-    return labels
+@dataclass(frozen=True)
+class Case:
+    """What one session keeps for its scan and model: the explorer (encoder output and every
+    mask cached), and the display orientation and auto window, which depend on the scan only."""
+
+    explorer: SkipExplorer
+    display: DisplayVolume
+    auto_window: tuple[float, float]
 
 
-def mask_download(mask: np.ndarray, scan, label_names) -> bytes:
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "mask.nii.gz"
-        write_mask(mask, scan, path, label_names)
-        return path.read_bytes()
+@dataclass(frozen=True)
+class Outcome:
+    """The masks of the current skip mask and what they are compared with."""
+
+    skip_mask: tuple[bool, ...]
+    built: tuple[bool, ...]
+    mask: np.ndarray
+    reference: np.ndarray
+    change: MaskChange
+
+    @property
+    def switched(self) -> bool:
+        return self.skip_mask != self.built
 
 
-st.title("segment viewer")
-st.caption(
-    "Upload a scan, see the predicted mask, switch long skip connections off and see the detail they carried."
-)
+# --- sections -----------------------------------------------------------------------------------
 
-choices = model_choices()
-if not choices:
-    st.error("No model available: train one (`make train`) or restore the bundled models.")
-    st.stop()
-choice = st.sidebar.selectbox("Model", list(choices), key="model")
-try:
-    model, config, runtime = loaded_model(choices[choice])
-except ModelLoadError as error:
-    st.error(str(error))
-    st.stop()
-dropout = max(config.model.skip_dropout_per_level)
-if config.model.skips is not None and not all(config.model.skips):
-    st.sidebar.info("This model was trained without some long skips; its switches start in that state.")
-elif dropout > 0:
-    st.sidebar.success(
-        f"Trained with skip dropout {dropout:g}: switching skips off stays close to what it saw in training."
-    )
-else:
-    st.sidebar.warning(
-        "Trained without skip dropout: a switched-off skip feeds the decoder zeros it never saw, "
-        "so the loss shown exaggerates what the skip carries."
+
+def header_section() -> None:
+    st.set_page_config(page_title="segment viewer", layout="wide")
+    st.title("segment viewer")
+    st.caption(
+        "Upload a scan, see the predicted mask, switch long skip connections off and see the detail they carried."
     )
 
-upload = st.file_uploader("Scan (.nii or .nii.gz)", type=["nii", "gz"], key="scan")
-truth_upload = st.file_uploader("Ground-truth labels (optional)", type=["nii", "gz"], key="truth")
-if upload is None:
-    st.info("Upload a NIfTI scan to begin.")
-    st.stop()
-try:
-    scan, digest = read_upload(upload, "scan")
-except ScanError as error:
-    st.error(str(error))
-    st.stop()
-for warning in scan.warnings:
-    st.warning(warning)
-truth = None
-if truth_upload is not None:
+
+def registry_section(store: str) -> list[RegisteredModel]:
+    registered, problem = registered_in(store)
+    if problem:
+        st.sidebar.caption(problem)
+    return registered
+
+
+def model_section(store: str, registered: list[RegisteredModel]) -> LoadedModel:
+    """The model picker and what switching a skip off means for the chosen model."""
+    choices = model_choices(bundled_models(), registered)
+    if not choices:
+        st.error("No model available: train one (`make train`) or restore the bundled models.")
+        st.stop()
+    choice = st.sidebar.selectbox("Model", list(choices), key="model")
     try:
-        label_scan, _ = read_upload(truth_upload, "labels")
-        if label_scan.array.shape != scan.array.shape or not np.allclose(
-            label_scan.affine, scan.affine, atol=1e-3
-        ):
-            raise ScanError(
-                "The ground truth's shape or affine differs from the scan's; upload the labels of this scan."
-            )
-        truth = label_scan.array
-    except ScanError as error:
+        model = shared_model(choices[choice], store)
+    except SegmentError as error:
         st.error(str(error))
+        st.stop()
+    notice = training_notice(model.config)
+    getattr(st.sidebar, notice.kind)(notice.text)
+    return model
 
-# One explorer per session, scan and model: it caches the encoder output and every mask.
-key = (digest, choices[choice])
-if st.session_state.get("explorer_key") != key:
-    with st.spinner("Segmenting..."):
+
+def cached_upload(file, what: str) -> Upload:
+    """The upload read once per content (slider moves rerun the page)."""
+    data = file.getvalue()
+    return session_slot(what).get(digest(data), lambda: read_upload(file.name, data, what))
+
+
+def upload_section(model: LoadedModel) -> tuple[Upload, np.ndarray | None, Upload | None]:
+    """The scan and the optional ground truth; stops the page until a usable scan is uploaded."""
+    scan_file = st.file_uploader("Scan (.nii or .nii.gz)", type=["nii", "gz"], key="scan")
+    truth_file = st.file_uploader("Ground-truth labels (optional)", type=["nii", "gz"], key="truth")
+    if scan_file is None:
+        st.info("Upload a NIfTI scan to begin.")
+        st.stop()
+    try:
+        scan = cached_upload(scan_file, "scan")
+    except SegmentError as error:
+        st.error(str(error))
+        st.stop()
+    for warning in scan.scan.warnings:
+        st.warning(upload_names(warning, scan))
+    truth, labels = None, None
+    if truth_file is not None:
         try:
-            st.session_state["explorer"] = SkipExplorer(model, config, scan, runtime)
-        except ScanError as error:  # usable as a file, not for this model (a 2D image for a 3D model)
-            st.error(str(error).replace(scan.path.name, upload.name))
-            st.stop()
-        st.session_state["explorer"].mask()
-        # Display orientation and the auto window depend on the scan only: not per rerun.
-        st.session_state["display"] = DisplayVolume.from_array(scan.array, scan.affine)
-        st.session_state["auto_window"] = auto_window(scan.array)
-    st.session_state["explorer_key"] = key
-explorer: SkipExplorer = st.session_state["explorer"]
-display: DisplayVolume = st.session_state["display"]
+            labels = cached_upload(truth_file, "labels")
+            check_label_matches(labels.scan, scan.scan)
+            truth = labels.scan.array
+        except SegmentError as error:
+            st.error(upload_names(str(error), labels, scan))
+    return scan, truth, labels
 
-st.sidebar.subheader("Long skip connections")
-default_skips = model.resolve_skips(None)
-skips = tuple(
-    st.sidebar.toggle(label, value=default_skips[level], key=f"skip_{level}")
-    for level, label in enumerate(level_labels(config, scan))
-)
-st.sidebar.subheader("Display")
-label_names = config.label_names
-presets = [AUTO_PRESET, *CT_PRESETS]
-preset = st.sidebar.selectbox(
-    "Intensity window", presets, index=1 if config.data.modality == "ct" else 0, key="preset"
-)
-level, width = CT_PRESETS.get(preset) or st.session_state["auto_window"]
-if st.sidebar.checkbox("Manual level and width", key="manual_window"):
-    level = st.sidebar.number_input("Level", value=float(level), key="level")
-    width = st.sidebar.number_input("Width", value=float(width), min_value=1e-3, key="width")
-opacity = st.sidebar.slider("Mask opacity", 0.0, 1.0, 0.45, key="opacity")
-filled = st.sidebar.radio("Mask style", ["filled", "outline"], horizontal=True, key="style") == "filled"
 
-with st.spinner("Decoding..."):
-    reference = explorer.mask(default_skips)
-    mask = explorer.mask(skips)
-change = explorer.compare(mask, reference)
+def case_section(model: LoadedModel, scan: Upload) -> Case:
+    """This session's explorer of the scan under the model: segmented once, then cached."""
 
-# The fair comparison for a switched-off skip: a model that never had it, when MLflow has one.
-peer_mask, peer_title = None, None
-if skips != tuple(default_skips):
-    peers = tracking.trained_without(
-        registered_models(), config.data.task, config.model.spatial_dims, tuple(int(s) for s in skips)
+    def build() -> Case:
+        with st.spinner("Segmenting..."):
+            explorer = SkipExplorer(model.network, model.config, scan.scan, model.runtime)
+            explorer.mask()
+            return Case(
+                explorer,
+                DisplayVolume.from_array(scan.scan.array, scan.scan.affine),
+                auto_window(scan.scan.array),
+            )
+
+    try:
+        return session_slot("case").get((scan.digest, model.spec), build)
+    except SegmentError as error:  # usable as a file, not for this model (a 2D image for a 3D model)
+        st.error(upload_names(str(error), scan))
+        st.stop()
+
+
+def skip_section(model: LoadedModel, scan: Upload) -> tuple[tuple[bool, ...], tuple[bool, ...]]:
+    """One switch per long skip, starting as the model was built: (the skip mask, the built one)."""
+    st.sidebar.subheader("Long skip connections")
+    built = tuple(model.network.resolve_skip_mask(None))
+    skip_mask = tuple(
+        st.sidebar.toggle(switch.label, value=switch.on, key=switch.key)
+        for switch in skip_switches(model.config, scan.scan, built)
     )
-    if not peers:
-        st.sidebar.caption(
-            "No registered model was trained without these skips; train one with "
-            f"`--set model.skips=[{','.join(str(int(s)) for s in skips)}] model.skip_dropout=0`."
-        )
-    elif st.sidebar.checkbox(
-        f"Side by side: {entry_title(peers[0])}, trained without them", key="side_by_side"
-    ):
-        peer_spec, peer_title = peers[0]["uri"], entry_title(peers[0])
-        try:
-            peer_model, peer_config, peer_runtime = loaded_model(peer_spec)
-            # Like the main explorer, only the current scan's is kept: each caches its features.
-            if st.session_state.get("peer_explorer_key") != (digest, peer_spec):
-                with st.spinner(f"Segmenting with {peers[0]['name']}..."):
-                    st.session_state["peer_explorer"] = SkipExplorer(
-                        peer_model, peer_config, scan, peer_runtime
-                    )
-                st.session_state["peer_explorer_key"] = (digest, peer_spec)
-            peer_mask = st.session_state["peer_explorer"].mask()
-        except ModelLoadError as error:
-            st.error(str(error))
-
-volume = display.data
-views = {
-    "mask": display.same_view(mask),
-    "lost": display.same_view(change.lost),
-    "gained": display.same_view(change.gained),
-}
-# A single 2D slice (an EM image) has one picture worth showing and no slice to choose.
-planes = [
-    plane
-    for plane in PLANES
-    if all(size > 1 for axis, size in enumerate(volume.shape) if axis != plane_axis(plane))
-] or list(PLANES)
+    return skip_mask, built
 
 
-def slice_index(plane: str) -> int:
-    size = volume.shape[plane_axis(plane)]
-    if size == 1:
-        return 0
-    return st.sidebar.slider(f"{plane} slice", 0, size - 1, size // 2, key=f"slice_{plane}")
-
-
-position = tuple(slice_index(plane) for plane in ("sagittal", "coronal", "axial"))
-
-legend = " ".join(
-    f"<span style='color:rgb{label_colour(value)}'>&#9632;</span> {name}"
-    for value, name in sorted(label_names.items())
-    if value > 0
-)
-st.markdown(f"**Mask** ({'skips ' + ''.join(str(int(s)) for s in skips)}): {legend}", unsafe_allow_html=True)
-
-
-def render(plane: str, labels: np.ndarray | None, lost=None, gained=None) -> Image.Image:
-    index = position[plane_axis(plane)]
-    grey = window(plane_slice(volume, plane, index), level, width)
-    picture = compose(
-        grey,
-        None if labels is None else plane_slice(labels, plane, index),
-        opacity,
-        filled,
-        crosshair(plane, position, volume.shape),
-        None if lost is None else plane_slice(lost, plane, index),
-        None if gained is None else plane_slice(gained, plane, index),
+def display_section(model: LoadedModel, case: Case) -> Style:
+    st.sidebar.subheader("Display")
+    presets = window_presets()
+    preset = st.sidebar.selectbox(
+        "Intensity window", presets, index=default_preset(model.config), key="preset"
     )
-    size = display_size(grey.shape, plane_pixel_mm(plane, display.spacing))
-    return Image.fromarray(picture).resize(size, Image.NEAREST)
+    level, width = preset_window(preset, case.auto_window)
+    if st.sidebar.checkbox("Manual level and width", key="manual_window"):
+        level = st.sidebar.number_input("Level", value=float(level), key="window_level")
+        width = st.sidebar.number_input("Width", value=float(width), min_value=1e-3, key="window_width")
+    opacity = st.sidebar.slider("Mask opacity", 0.0, 1.0, 0.45, key="opacity")
+    filled = st.sidebar.radio("Mask style", ["filled", "outline"], horizontal=True, key="style") == "filled"
+    return Style(float(level), float(width), opacity, filled)
 
 
-for column, plane in zip(st.columns(len(planes)), planes, strict=True):
-    column.image(render(plane, views["mask"]), caption=plane, width="stretch")
+def decode_section(case: Case, skip_mask: tuple[bool, ...], built: tuple[bool, ...]) -> Outcome:
+    with st.spinner("Decoding..."):
+        reference = case.explorer.mask(built)
+        mask = case.explorer.mask(skip_mask)
+    return Outcome(skip_mask, built, mask, reference, case.explorer.compare(mask, reference))
 
-if peer_mask is not None:
-    st.markdown(f"**Trained without these skips**: {peer_title}")
-    peer_view = display.same_view(peer_mask)
-    for column, plane in zip(st.columns(len(planes)), planes, strict=True):
-        column.image(render(plane, peer_view), caption=f"{plane}: trained without", width="stretch")
 
-if any(s != d for s, d in zip(skips, default_skips, strict=True)):
-    st.markdown(
-        "**Lost detail**: <span style='color:rgb(230,25,75)'>&#9632;</span> labelled with every skip on, not now; "
-        "<span style='color:rgb(66,212,244)'>&#9632;</span> labelled now, not with every skip on.",
-        unsafe_allow_html=True,
-    )
+def peer_section(
+    store: str,
+    registered: list[RegisteredModel],
+    model: LoadedModel,
+    scan: Upload,
+    outcome: Outcome,
+    case: Case,
+) -> PeerMask | None:
+    """The fair comparison for switched-off skips: a model that never had them, when MLflow
+    has one and the user asks for it side by side."""
+    if not outcome.switched:
+        return None
+    peer = peer_for(registered, model.config, outcome.skip_mask, outcome.built)
+    if peer is None:
+        st.sidebar.caption(train_without_hint(outcome.skip_mask))
+        return None
+    if not st.sidebar.checkbox(f"Side by side: {peer.title}, trained without them", key="side_by_side"):
+        return None
+    try:
+        peer_model = shared_model(peer.uri, store)
+
+        def build() -> SkipExplorer:
+            with st.spinner(f"Segmenting with {peer.name}..."):
+                return SkipExplorer(peer_model.network, peer_model.config, scan.scan, peer_model.runtime)
+
+        # Like the main explorer, only the current scan's is kept: each caches its features.
+        mask = session_slot("peer").get((scan.digest, peer.uri), build).mask()
+    except SegmentError as error:
+        st.error(upload_names(str(error), scan))
+        return None
+    return PeerMask(peer.title, mask, case.explorer.compare(mask, outcome.mask))
+
+
+def slice_section(display: DisplayVolume) -> tuple[int, int, int]:
+    """The crosshair position (RAS voxel indices): one slider per axis longer than one voxel."""
+
+    def index(plane: str) -> int:
+        size = display.data.shape[plane_axis(plane)]
+        if size == 1:
+            return 0
+        return st.sidebar.slider(f"{plane} slice", 0, size - 1, size // 2, key=f"slice_{plane}")
+
+    return tuple(index(plane) for plane in ("sagittal", "coronal", "axial"))
+
+
+def picture_row(case: Case, position, style: Style, caption: str, **overlays) -> None:
+    display = case.display
+    views = {name: None if array is None else display.same_view(array) for name, array in overlays.items()}
+    planes = visible_planes(display.data.shape)
     for column, plane in zip(st.columns(len(planes)), planes, strict=True):
         column.image(
-            render(plane, None, views["lost"], views["gained"]),
-            caption=f"{plane}: lost / gained",
+            plane_picture(display, plane, position, style, **views),
+            caption=caption.format(plane=plane),
             width="stretch",
         )
 
-rows = []
-in_unit = f"({scan.volume_unit})"
-for value, name in sorted(label_names.items()):
-    if value == 0:
-        continue
-    rows.append(
-        {
-            "label": name,
-            f"volume {in_unit}": round(float((mask == value).sum()) * scan.voxel_volume, 4),
-            f"change vs all skips on {in_unit}": round(change.volume_change[name], 4),
-            "Dice vs all skips on": round(change.dice_to_reference[name], 4),
-        }
-    )
-table = pd.DataFrame(rows)
-if peer_mask is not None:
-    peer_change = explorer.compare(peer_mask, mask)
-    table[f"volume, trained without {in_unit}"] = [
-        round(float((peer_mask == value).sum()) * scan.voxel_volume, 4)
-        for value, name in sorted(label_names.items())
-        if value > 0
-    ]
-    table["Dice, switched off vs trained without"] = [
-        round(peer_change.dice_to_reference[name], 4) for name in table["label"]
-    ]
-st.markdown(
-    "**Against all skips on**: "
-    + ", ".join(
-        f"{row['label']} Dice {row['Dice vs all skips on']:.3f}, "
-        f"{row[f'change vs all skips on {in_unit}']:+.3f} {scan.volume_unit}"
-        for row in rows
-    )
-)
-if truth is not None:
-    try:
-        scored = {"now": explorer.score(mask, truth), "all on": explorer.score(reference, truth)}
-        if peer_mask is not None:
-            scored["trained without"] = explorer.score(peer_mask, truth)
-    except ScanError as error:
-        st.error(str(error))
-        scored = {}
-    # Metric by metric, so that each one's settings stand side by side.
-    for metric in ("dice", "hd95", "nsd"):
-        for when, scores in scored.items():
-            table[f"{metric} vs truth ({when})"] = [
-                round(getattr(scores, metric)[name], 4) for name in table["label"]
-            ]
-st.dataframe(table, hide_index=True)
-if truth is not None and scored:
-    tolerance = scored["now"].nsd_tolerance
-    st.caption(f"HD95 in {scan.unit}; NSD with a tolerance of {tolerance:g} {scan.unit}.")
 
-left, right = st.columns(2)
-left.download_button(
-    "Download mask (NIfTI)",
-    mask_download(mask, scan, label_names),
-    file_name="mask.nii.gz",
-    mime="application/gzip",
-    key="download_mask",
-)
-csv = io.StringIO()
-table.to_csv(csv, index=False)
-right.download_button(
-    "Download volumes and metrics (CSV)",
-    csv.getvalue(),
-    file_name="metrics.csv",
-    mime="text/csv",
-    key="download_csv",
-)
+def pictures_section(
+    model: LoadedModel, case: Case, outcome: Outcome, peer: PeerMask | None, position, style: Style
+) -> None:
+    """The mask row, the trained-without row and, once a skip is off, the lost/gained row."""
+    st.markdown(mask_summary(outcome.skip_mask, model.config.label_names), unsafe_allow_html=True)
+    picture_row(case, position, style, "{plane}", labels=outcome.mask)
+    if peer is not None:
+        st.markdown(f"**Trained without these skips**: {peer.title}")
+        picture_row(case, position, style, "{plane}: trained without", labels=peer.mask)
+    if outcome.switched:
+        st.markdown(LOST_LEGEND, unsafe_allow_html=True)
+        picture_row(
+            case,
+            position,
+            style,
+            "{plane}: lost / gained",
+            lost=outcome.change.lost,
+            gained=outcome.change.gained,
+        )
+
+
+def scores_against(
+    case: Case, outcome: Outcome, peer: PeerMask | None, truth: np.ndarray | None, scan: Upload, labels
+) -> dict[str, CaseScores]:
+    """Each shown mask scored against the ground truth; none (and an error) when it does not fit."""
+    if truth is None:
+        return {}
+    masks = {"now": outcome.mask, "all on": outcome.reference}
+    if peer is not None:
+        masks["trained without"] = peer.mask
+    try:
+        return {when: case.explorer.score(mask, truth) for when, mask in masks.items()}
+    except SegmentError as error:
+        st.error(upload_names(str(error), labels, scan))
+        return {}
+
+
+def metrics_section(
+    model: LoadedModel,
+    case: Case,
+    outcome: Outcome,
+    peer: PeerMask | None,
+    truth: np.ndarray | None,
+    scan: Upload,
+    labels: Upload | None,
+) -> pd.DataFrame:
+    """The "Against all skips on" line, the metrics table and the unit of its distances."""
+    names, volume = model.config.label_names, case.explorer.scan
+    st.markdown(against_all_on(metrics_table(names, volume, outcome.mask, outcome.change, peer), volume))
+    scores = scores_against(case, outcome, peer, truth, scan, labels)
+    table = metrics_table(names, volume, outcome.mask, outcome.change, peer, scores)
+    st.dataframe(table, hide_index=True)
+    caption = distance_caption(scores, volume)
+    if caption:
+        st.caption(caption)
+    return table
+
+
+def downloads_section(model: LoadedModel, case: Case, outcome: Outcome, table: pd.DataFrame) -> None:
+    left, right = st.columns(2)
+    left.download_button(
+        "Download mask (NIfTI)",
+        mask_nifti(outcome.mask, case.explorer.scan, model.config.label_names),
+        file_name="mask.nii.gz",
+        mime="application/gzip",
+        key="download_mask",
+    )
+    right.download_button(
+        "Download volumes and metrics (CSV)",
+        table_csv(table),
+        file_name="metrics.csv",
+        mime="text/csv",
+        key="download_csv",
+    )
+
+
+def main() -> None:
+    header_section()
+    store = resolve_tracking_uri()
+    registered = registry_section(store)
+    model = model_section(store, registered)
+    scan, truth, labels = upload_section(model)
+    case = case_section(model, scan)
+    skip_mask, built = skip_section(model, scan)
+    style = display_section(model, case)
+    outcome = decode_section(case, skip_mask, built)
+    peer = peer_section(store, registered, model, scan, outcome, case)
+    position = slice_section(case.display)
+    pictures_section(model, case, outcome, peer, position, style)
+    table = metrics_section(model, case, outcome, peer, truth, scan, labels)
+    downloads_section(model, case, outcome, table)
+
+
+if __name__ == "__main__":
+    main()

@@ -15,9 +15,9 @@ from common import print_table
 
 from segment.data.tasks import resolve_data_root, split_task
 from segment.engine.device import make_runtime
-from segment.engine.evaluate import mean_scores, score_case
+from segment.engine.metrics import mean_scores, score_case
 from segment.engine.inference import predict_logits
-from segment.engine.predict import prepare
+from segment.engine.preparation import prepare
 from segment.io import read_scan
 from segment.models import as_segmenter, load_members, split_mismatch
 from segment.models.sources import resolve_model
@@ -48,7 +48,7 @@ def main() -> None:
         truth = label.array.round().astype(np.int64)
         prepared = prepare(scan, config)
         probabilities = [
-            predict_logits(network, prepared.volume, runtime).softmax(dim=1) for network in networks
+            predict_logits(network, prepared.volume, runtime, config).softmax(dim=1) for network in networks
         ]
         candidates = [*probabilities, torch.stack(probabilities).mean(0)]
         for name, member in zip([*args.models, ENSEMBLE], candidates, strict=True):

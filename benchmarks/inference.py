@@ -23,7 +23,7 @@ from torch import nn
 from segment.data.tasks import resolve_data_root
 from segment.engine.device import make_runtime
 from segment.engine.inference import predict_logits
-from segment.engine.predict import prepare
+from segment.engine.preparation import prepare
 from segment.io import read_scan, write_mask
 from segment.models import load_model
 from segment.models.blocks import InstanceNorm
@@ -75,7 +75,7 @@ def measure(model_spec: str, cases: int, warmup: int, data_root: str | None) -> 
             scan = read_scan(image)
             prepared = prepare(scan, config)
             network_start = time.perf_counter()
-            logits = predict_logits(model, prepared.volume, runtime, config.trainer.roi_size)
+            logits = predict_logits(model, prepared.volume, runtime, config)
             labels = logits.argmax(dim=1)
             network_end = time.perf_counter()
             write_mask(prepared.restore(labels), scan, Path(folder) / image.name, config.label_names)
@@ -84,7 +84,7 @@ def measure(model_spec: str, cases: int, warmup: int, data_root: str | None) -> 
                 total_seconds.append(time.perf_counter() - start)
             for key, reference in references.items():
                 reference_start = time.perf_counter()
-                predict_logits(reference, prepared.volume, runtime, config.trainer.roi_size)
+                predict_logits(reference, prepared.volume, runtime, config)
                 if index >= warmup:
                     reference_seconds[key].append(time.perf_counter() - reference_start)
     return {

@@ -28,12 +28,15 @@ def measure(
     model, config = load_model(resolve_model(model_spec))
     runtime = make_runtime("cpu", config.trainer.amp, config.trainer.channels_last)
     model = runtime.prepare_model(model)
+    windowed = config.model_copy(
+        update={"trainer": config.trainer.model_copy(update={"roi_size": roi_size, "sw_batch_size": sw_batch_size})}
+    )
     volume = torch.randn(1, config.model.in_channels, *shape, generator=torch.Generator().manual_seed(0))
     seconds = []
     # The first run is warm-up: it meets every window batch shape of the timed runs.
     for run in range(1 + repeats):
         start = time.perf_counter()
-        predict_logits(model, volume, runtime, roi_size, sw_batch_size, progress=False).argmax(dim=1)
+        predict_logits(model, volume, runtime, windowed, progress=False).argmax(dim=1)
         if run:
             seconds.append(time.perf_counter() - start)
     median = statistics.median(seconds)

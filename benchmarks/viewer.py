@@ -38,11 +38,11 @@ def measure(repeats: int, data_root: str | None) -> dict:
                 .run()
             )
             uploaded = time.perf_counter()
-            app = app.toggle(key="skip_0").set_value(False).run()
+            app = app.toggle(key="skip_level_1").set_value(False).run()
             switched = time.perf_counter()
             if app.exception or app.error:
                 raise SystemExit(f"The viewer failed on {image.name}.")
-            app = app.toggle(key="skip_0").set_value(True).run()  # every upload starts with all skips on
+            app = app.toggle(key="skip_level_1").set_value(True).run()  # every upload starts with all skips on
             if index:
                 uploads.append(uploaded - start)
                 switches.append(switched - uploaded)

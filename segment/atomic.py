@@ -1,4 +1,5 @@
-"""Writing files so that a reader, or a crash, never sees half of one."""
+"""Writing files so that a reader, or a crash, never sees half of one; and refusing a
+destination that cannot be written before the work that fills it is done."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from segment.errors import InputError
 
 
 def write_atomically(path: Path, write) -> None:
@@ -61,3 +64,26 @@ def read_only_ancestor(folder: Path) -> Path | None:
     # The nearest folder that exists is the one a mkdir(parents=True) would write into.
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     return None if existing.stat().st_mode & 0o222 else existing
+
+
+def require_writable(folder: Path, what: str) -> None:
+    """Refuse a read-only destination before any work is done, not after the work is lost."""
+    if (locked := read_only_ancestor(folder.resolve())) is not None:
+        raise InputError(f"Cannot write {what} under {folder}: {locked} is read-only.")
+
+
+def require_output_file(path: Path, what: str) -> None:
+    """Refuse an output file that cannot be written (a folder, a missing or read-only folder)
+    before the work that fills it is done."""
+    if path.is_dir():
+        raise InputError(f"Cannot write {what} to {path}: it is a folder; give a file name.")
+    if not path.parent.is_dir():
+        raise InputError(f"Cannot write {what} to {path}: the folder {path.parent} does not exist.")
+    require_writable(path.parent, what)
+
+
+def require_new_folder(path: Path, what: str) -> None:
+    """Refuse a destination folder that exists already or cannot be created."""
+    if path.exists():
+        raise InputError(f"{path} already exists; give a new folder for {what}.")
+    require_writable(path.parent, what)

@@ -20,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from segment.atomic import write_atomically, write_atomically_as
+from segment.errors import SegmentError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".mha")
@@ -30,7 +31,7 @@ MAX_VOXELS = 512 * 1024 * 1024
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-class ScanError(ValueError):
+class ScanError(SegmentError):
     """A file cannot be used as a scan; the message says which file and why."""
 
 
@@ -259,6 +260,16 @@ def read_scan(path: str | Path) -> Scan:
             f"{path.name}: {int(non_finite.sum())} NaN or infinite voxels were set to the lowest finite intensity."
         )
     return scan
+
+
+def check_label_matches(label: Scan, scan: Scan) -> None:
+    """Refuse a label file whose voxel grid (shape or affine) is not the scan's: its voxels
+    would be scored against the wrong anatomy."""
+    if label.array.shape != scan.array.shape or not np.allclose(label.affine, scan.affine, atol=1e-3):
+        raise ScanError(
+            f"{label.path.name}: the label's shape or affine differs from the image's; "
+            f"check that it is the labelling of {scan.path.name}."
+        )
 
 
 def label_description(label_names: dict[int, str]) -> str:

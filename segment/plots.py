@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -12,6 +13,9 @@ matplotlib.use("Agg")  # runs headless: on servers, in CI and in worker processe
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
+
+if TYPE_CHECKING:
+    from segment.workflows.evaluation import AblationRow
 
 LABEL_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6"]
 
@@ -88,14 +92,14 @@ def overlay_panels(
     return figure
 
 
-def ablation_bars(rows: list[dict]) -> plt.Figure:
-    """Mean Dice per skip setting (e.g. ``1111``, ``0111``, ...), as a bar chart."""
-    names = ["".join(str(flag) for flag in row["skips"]) for row in rows]
-    values = [row["mean_dice"] for row in rows]
+def ablation_bars(rows: list[AblationRow]) -> plt.Figure:
+    """Mean Dice per skip mask (e.g. ``1111``, ``0111``, ...), as a bar chart."""
+    names = [row.mask_text for row in rows]
+    values = [row.mean_dice for row in rows]
     figure, axis = plt.subplots(figsize=(max(4.0, 0.7 * len(rows) + 2), 3.5))
     bars = axis.bar(names, values, color=["#4363d8" if set(n) == {"1"} else "#f58231" for n in names])
     axis.bar_label(bars, fmt="%.3f", fontsize=8)
-    axis.set(ylim=(0, 1), ylabel="mean Dice", xlabel="long skips on (1) / off (0), finest first")
+    axis.set(ylim=(0, 1), ylabel="mean Dice", xlabel="skip mask: long skips on (1) / off (0), level 1 first")
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     return figure

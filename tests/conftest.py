@@ -1,9 +1,11 @@
-"""Shared fixtures: where the real data is, and small configs that train in seconds."""
+"""Shared fixtures and helpers: where the real data is, small configs that train in seconds,
+the ``segment`` command run as a subprocess, and free ports for servers."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +104,39 @@ def start_tiny_training(folder: Path, env: dict, runs: Path, epochs: int, **outp
         *set_args(tiny_hippocampus_overrides(epochs=epochs)),
     )
     return subprocess.Popen(command, cwd=folder, env=env, **output)
+
+
+def run_segment(
+    *args: str, cwd: Path = ROOT, env: dict | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """``segment ARGS`` run to completion in ``cwd``, its output captured as text."""
+    return subprocess.run(
+        segment_command(*args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def one_sentence_error(result: subprocess.CompletedProcess) -> str:
+    """The one line a refused command printed on stderr; fails on a traceback or more lines."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def in_test_folder(tmp_path: Path, data_root: Path) -> dict:
+    """Arguments of the engine's ``train`` for a quiet in-process run whose store and
+    checkpoints stay in ``tmp_path``."""
+    return {
+        "data_root": data_root,
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "output_root": tmp_path / "runs",
+        "progress": False,
+    }
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

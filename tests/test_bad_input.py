@@ -34,6 +34,8 @@ from typer.testing import CliRunner
 from segment.cli import app
 from segment.io import MAX_VOXELS, ScanError, read_scan
 
+pytestmark = pytest.mark.slow
+
 MODEL = "hippocampus_3d"
 TASK = "Task04_Hippocampus"
 HEADER_BYTES = 352  # a single-file NIfTI-1 header and its extension flag; the voxels follow

@@ -117,7 +117,10 @@ def test_upload_then_switch_a_skip_off_in_a_real_browser(server, chromium_path, 
         assert "Anterior Dice 1.000" in before_numbers
         page.screenshot(path=str(shots / "viewer_all_skips_on.png"), full_page=True)
 
-        page.get_by_text("level 1 - full resolution").click()
+        # The switch of level 1 (levels count from 1, its widget key too: skip_level_1).
+        switch = page.locator(".st-key-skip_level_1")
+        assert "level 1 - full resolution" in switch.inner_text()
+        switch.get_by_text("level 1 - full resolution").click()
         page.wait_for_function(
             "(before) => document.querySelector('[data-testid=\"stImage\"] img').getAttribute('src') !== before",
             arg=before_picture,

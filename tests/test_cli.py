@@ -14,10 +14,16 @@ def run_segment(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 
-def test_help_lists_the_commands():
+def test_help_lists_every_command_with_its_summary():
+    import typer
+
+    from segment.cli import app
+
     result = run_segment("--help")
     assert result.returncode == 0
-    assert "describe" in result.stdout
+    listed = " ".join(word for word in result.stdout.split() if word != "│")
+    for name, command in typer.main.get_command(app).commands.items():
+        assert f"{name} {' '.join(command.help.split()[:4])}" in listed, name
 
 
 def test_describe_prints_the_default_model():

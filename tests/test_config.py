@@ -43,7 +43,7 @@ def test_channels_default_to_base_channels_doubled_per_level():
         ("model.blocks_per_level=[1,2,2]", "blocks_per_level applies only to the resnet encoder"),
         ("model.levels=1", "model.levels: Input should be greater than or equal to 2"),
         ("model", "expected key=value"),
-        ("model.skips=[1,0]", "skips has 2 entries but the model has 4 long skips"),
+        ("model.long_skips=[1,0]", "long_skips has 2 entries but the model has 4 long skips"),
         ("model.deep_supervision=4", "deep_supervision can supervise at most 3 coarser levels"),
         ("data.patch_size=[64,64]", "data.patch_size has 2 sizes but the model is 3D"),
         ("data.flip_axes=[3]", "data.flip_axes must name spatial axes 0..2"),

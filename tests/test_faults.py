@@ -13,36 +13,18 @@ from pathlib import Path
 import pytest
 from conftest import (
     ROOT,
-    segment_command,
+    one_sentence_error,
     set_args,
     start_tiny_training,
     store_client,
     tiny_hippocampus_overrides,
 )
+from conftest import run_segment as segment
 
 from segment.engine.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from segment.engine.train import _StopSignals
+from segment.engine.stop_signals import StopSignals
 
 CONFIG = str(ROOT / "configs" / "hippocampus_3d.yaml")
-
-
-def segment(*args: str, cwd: Path, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        segment_command(*args),
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def one_sentence_error(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 @pytest.fixture
@@ -67,8 +49,12 @@ def killed_run(tmp_path, env) -> tuple[Path, str, int]:
             assert process.poll() is None, "training ended before its first checkpoint"
             time.sleep(0.05)
         checkpoint = next(runs.glob(f"*/{CHECKPOINT_FILE}"))
-        # Into the next epoch: an epoch of the tiny set-up takes about a second.
-        time.sleep(0.4)
+        # An epoch's metrics are logged after its checkpoint and just before the next epoch
+        # starts: once the store has them, the process is into the next epoch.
+        client = store_client(env["MLFLOW_TRACKING_URI"])
+        while not client.get_run(checkpoint.parent.name).data.metrics.get("epoch"):
+            assert process.poll() is None and time.monotonic() < deadline, "no epoch was logged"
+            time.sleep(0.05)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
@@ -76,6 +62,7 @@ def killed_run(tmp_path, env) -> tuple[Path, str, int]:
     return runs, run_dir.name, load_checkpoint(run_dir)["state"].epochs_done
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_from_its_last_checkpoint_in_the_same_run(tmp_path, env, killed_run):
     runs, run_id, epochs_done = killed_run
     assert epochs_done >= 1
@@ -109,7 +96,7 @@ def test_a_run_killed_mid_epoch_resumes_from_its_last_checkpoint_in_the_same_run
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
 def test_a_stop_while_an_epoch_is_saved_waits_for_the_save_then_stops(stop):
     saved = []
-    with _StopSignals() as stop_signals:
+    with StopSignals() as stop_signals:
         with pytest.raises(KeyboardInterrupt), stop_signals.saving():
             os.kill(os.getpid(), stop)
             saved.append("checkpoint")
@@ -122,6 +109,7 @@ def test_a_stop_while_an_epoch_is_saved_waits_for_the_save_then_stops(stop):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+@pytest.mark.slow
 def test_a_corrupt_checkpoint_is_refused_in_one_sentence(tmp_path, env, killed_run):
     runs, run_id, _ = killed_run
     checkpoint = runs / run_id / CHECKPOINT_FILE
@@ -132,6 +120,7 @@ def test_a_corrupt_checkpoint_is_refused_in_one_sentence(tmp_path, env, killed_r
     assert result.returncode == 2
 
 
+@pytest.mark.slow
 def test_a_missing_mlflow_artifact_is_reported_in_one_sentence(tmp_path, env, killed_run, hippocampus_root):
     runs, run_id, epochs_done = killed_run
     finished = segment(
@@ -167,6 +156,7 @@ def read_only_folder(tmp_path) -> Path:
     folder.chmod(0o755)
 
 
+@pytest.mark.slow
 def test_an_unwritable_mask_destination_is_refused_before_any_work(tmp_path, read_only_folder, hippocampus_root):
     scan = str(hippocampus_root / "Task04_Hippocampus" / "imagesTr" / "hippocampus_001.nii.gz")
     # The model does not exist: the destination must be refused before the model is even looked up.
@@ -179,6 +169,7 @@ def test_an_unwritable_mask_destination_is_refused_before_any_work(tmp_path, rea
     assert list(read_only_folder.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_an_unwritable_checkpoint_folder_is_refused_before_training(tmp_path, env, read_only_folder):
     result = segment(
         "train", "--config", CONFIG, "--output-dir", str(read_only_folder / "runs"), "--quiet",

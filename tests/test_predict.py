@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -14,24 +12,19 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import load_script
+from conftest import load_script, run_segment
 from torch.profiler import profile
 
 from segment.engine.device import make_runtime
-from segment.engine.evaluate import score_case, skip_settings
-from segment.engine.inference import predict_logits
-from segment.engine.predict import prepare, segment_scan
+from segment.engine.inference import predict_logits, segment_scan
+from segment.engine.metrics import score_case
+from segment.engine.preparation import prepare
+from segment.engine.scoring import ablation_masks
 from segment.io import read_scan
 from segment.models import load_model
 from segment.models.sources import resolve_model
 
 CASE = "hippocampus_001"
-
-
-def run_segment(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "segment.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300
-    )
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +59,7 @@ def dice(a: np.ndarray, b: np.ndarray, label: int) -> float:
     return 2 * ((a == label) & (b == label)).sum() / ((a == label).sum() + (b == label).sum())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["lps", "oblique"])
 def test_masks_keep_shape_affine_and_anatomy_whatever_the_orientation(tmp_path, case_paths, kind):
     image_path, label_path = case_paths
@@ -100,6 +94,7 @@ def test_masks_keep_shape_affine_and_anatomy_whatever_the_orientation(tmp_path, 
     assert dice(np.asarray(ras_mask.dataobj), truth, 2) > 0.7
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
 def test_nrrd_and_mha_scans_get_masks_with_their_own_geometry(tmp_path, case_paths, model, suffix):
     image_path, _ = case_paths
@@ -127,6 +122,7 @@ def test_nrrd_and_mha_scans_get_masks_with_their_own_geometry(tmp_path, case_pat
     assert (sitk.GetArrayFromImage(mask).transpose(2, 1, 0) == expected).mean() > 0.999
 
 
+@pytest.mark.slow
 def test_fp32_cpu_inference_runs_onednn_convolutions_with_pytorchs_own_results(case_paths, model):
     network, config = model
     volume = prepare(read_scan(case_paths[0]), config).volume
@@ -137,7 +133,7 @@ def test_fp32_cpu_inference_runs_onednn_convolutions_with_pytorchs_own_results(c
     for name, runtime in (("routed", routed), ("pytorch", pytorch_choice)):
         prepared = runtime.prepare_model(copy.deepcopy(network))
         with profile() as profiler:
-            logits[name] = predict_logits(prepared, volume, runtime)
+            logits[name] = predict_logits(prepared, volume, runtime, config)
         kernels[name] = {event.key for event in profiler.key_averages()}
     # PyTorch's own choice for a volume this small is its slow native kernel.
     assert "aten::slow_conv3d_forward" in kernels["pytorch"]
@@ -146,6 +142,7 @@ def test_fp32_cpu_inference_runs_onednn_convolutions_with_pytorchs_own_results(c
     torch.testing.assert_close(logits["routed"], logits["pytorch"], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_switching_skips_off_changes_the_mask(tmp_path, case_paths, model):
     network, config = model
     scan = read_scan(case_paths[0])
@@ -155,6 +152,7 @@ def test_switching_skips_off_changes_the_mask(tmp_path, case_paths, model):
     assert (all_on != all_off).sum() > 0
 
 
+@pytest.mark.slow
 def test_a_folder_of_scans_gives_one_mask_each(tmp_path, hippocampus_root):
     images = sorted((hippocampus_root / "Task04_Hippocampus" / "imagesTr").glob("*.nii.gz"))[:3]
     scans = tmp_path / "scans"
@@ -169,6 +167,7 @@ def test_a_folder_of_scans_gives_one_mask_each(tmp_path, hippocampus_root):
     assert sorted(p.name for p in (tmp_path / "masks").glob("*.nii.gz")) == [image.name for image in images]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "content", "expected"),
     [
@@ -189,6 +188,7 @@ def test_bad_inputs_give_one_sentence_and_no_output(tmp_path, name, content, exp
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
+@pytest.mark.slow
 def test_truncated_scan_is_refused_and_leaves_nothing(tmp_path, case_paths):
     data = case_paths[0].read_bytes()
     (tmp_path / "cut.nii.gz").write_bytes(data[: len(data) // 2])
@@ -207,6 +207,7 @@ def test_truncated_scan_is_refused_and_leaves_nothing(tmp_path, case_paths):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.nii.gz"]
 
 
+@pytest.mark.slow
 def test_unknown_model_names_the_choices(tmp_path, case_paths):
     result = run_segment(
         "predict", "--model", "nonsense", "--input", str(case_paths[0]), "--output", "y.nii.gz", cwd=tmp_path
@@ -216,6 +217,7 @@ def test_unknown_model_names_the_choices(tmp_path, case_paths):
     assert "hippocampus_3d" in result.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_writes_the_documented_json_with_every_skip_level_ablated(tmp_path, hippocampus_root):
     result = run_segment(
         "evaluate",
@@ -238,7 +240,7 @@ def test_evaluate_writes_the_documented_json_with_every_skip_level_ablated(tmp_p
         assert set(report[metric]) == {"Anterior", "Posterior"}
     assert 0.7 < report["mean_dice"] <= 1.0
     assert all(0 <= value < 10 for value in report["hd95"].values())
-    settings = [row["skips"] for row in report["ablation"]]
+    settings = [row["skip_mask"] for row in report["ablation"]]
     assert settings == [[1, 1, 1, 1], [0, 1, 1, 1], [1, 0, 1, 1], [1, 1, 0, 1], [1, 1, 1, 0], [0, 0, 0, 0]]
     assert report["ablation"][0]["mean_dice"] == pytest.approx(report["mean_dice"])
     assert report["ablation"][-1]["mean_dice"] < report["mean_dice"]
@@ -258,6 +260,7 @@ def test_nsd_counts_boundary_voxels_within_the_tolerance_in_the_scans_unit(hippo
     assert all(tighter.nsd[name] < within.nsd[name] - 0.2 for name in ("Anterior", "Posterior"))
 
 
+@pytest.mark.slow
 def test_segment_ensemble_joins_models_into_one_that_predicts(tmp_path, case_paths):
     bundle = resolve_model("hippocampus_3d")
     members = [str(bundle / "member_1"), str(bundle / "member_3")]
@@ -271,7 +274,7 @@ def test_segment_ensemble_joins_models_into_one_that_predicts(tmp_path, case_pat
         str(case_paths[0]),
         "--output",
         "mask.nii.gz",
-        "--skips",
+        "--skip-mask",
         "0,1,1,1",
         cwd=tmp_path,
     )
@@ -289,6 +292,7 @@ def test_segment_ensemble_joins_models_into_one_that_predicts(tmp_path, case_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.labels.json", "mask.nii.gz", "pair"]
 
 
+@pytest.mark.slow
 def test_segment_export_writes_a_standalone_copy_that_predicts_the_same_mask(tmp_path, case_paths):
     member = str(resolve_model("hippocampus_3d") / "member_3")
     exported = run_segment("export", member, "--float16", "--output", "copy", cwd=tmp_path)
@@ -314,18 +318,19 @@ def test_segment_export_writes_a_standalone_copy_that_predicts_the_same_mask(tmp
 
 
 def test_the_ablation_never_switches_on_a_skip_the_model_was_built_without():
-    assert skip_settings((True, True)) == [(1, 1), (0, 1), (1, 0), (0, 0)]
-    assert skip_settings((True, False, True, True)) == [
+    assert ablation_masks((True, True)) == [(1, 1), (0, 1), (1, 0), (0, 0)]
+    assert ablation_masks((True, False, True, True)) == [
         (1, 0, 1, 1),
         (0, 0, 1, 1),
         (1, 0, 0, 1),
         (1, 0, 1, 0),
         (0, 0, 0, 0),
     ]
-    assert skip_settings((False, False)) == [(0, 0)]
-    assert skip_settings((True, False, True), full_sweep=True) == [(1, 0, 1), (1, 0, 0), (0, 0, 1), (0, 0, 0)]
+    assert ablation_masks((False, False)) == [(0, 0)]
+    assert ablation_masks((True, False, True), full_sweep=True) == [(1, 0, 1), (1, 0, 0), (0, 0, 1), (0, 0, 0)]
 
 
+@pytest.mark.slow
 def test_evaluate_measures_em_boundaries_within_two_pixels_by_default(tmp_path, isbi_source):
     """The converted EM task is in micrometres: the default NSD tolerance is two 4 nm pixels,
     not a millimetre that would cover the whole image."""

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
-from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "app"))
-from rendering import (
+from segment.app.rendering import (
+    CROSSHAIR_COLOUR,
+    GAINED_COLOUR,
+    TARGET_PIXELS,
     DisplayVolume,
+    Style,
     compose,
     crosshair,
+    label_colour,
     outline,
+    plane_picture,
     plane_pixel_mm,
     plane_slice,
     window,
@@ -100,7 +101,31 @@ def test_the_run_overlay_draws_a_task_with_more_labels_than_the_palette_has_colo
 
     names = {value: f"label {value}" for value in range(len(LABEL_COLOURS) + 3)}
     mask = np.arange(64).reshape(8, 8) % len(names)
-    with released(overlay_panels(np.random.default_rng(0).random((8, 8)), {"prediction": mask}, names)) as figure:
+    with released(
+        overlay_panels(np.random.default_rng(0).random((8, 8)), {"prediction": mask}, names)
+    ) as figure:
         legend = figure.legends[0]
         assert [text.get_text() for text in legend.get_texts()] == [names[v] for v in range(1, len(names))]
     assert label_colour(len(LABEL_COLOURS) + 1) == label_colour(1)
+
+
+def test_a_plane_picture_keeps_the_physical_aspect_and_draws_mask_crosshair_and_gained_voxels():
+    volume = np.zeros((10, 20, 5), np.float32)  # R, A, S
+    display = DisplayVolume.from_array(volume, np.diag([1.0, 1.0, 4.0, 1.0]))
+    labels = np.zeros(volume.shape, np.uint8)
+    labels[9, 19, 2] = 1  # the right-anterior corner of the axial slice: its top left pixel
+    gained = np.zeros(volume.shape, bool)
+    gained[0, 0, 2] = True  # left-posterior: bottom right
+    style = Style(level=0.5, width=1.0, opacity=1.0, filled=True)
+    picture = np.asarray(plane_picture(display, "axial", (4, 9, 2), style, labels=labels, gained=gained))
+    assert picture.shape == (TARGET_PIXELS, TARGET_PIXELS // 2, 3), "20 mm by 10 mm"
+    assert tuple(picture[0, 0]) == label_colour(1)
+    assert tuple(picture[-1, -1]) == tuple(int(0.85 * c) for c in GAINED_COLOUR)
+    row = (crosshair("axial", (4, 9, 2), volume.shape)[0] + 0.5) * TARGET_PIXELS / 20
+    assert tuple(picture[int(row), 3]) == tuple(int(0.5 * c) for c in CROSSHAIR_COLOUR)
+    coronal = plane_picture(display, "coronal", (4, 9, 2), style)
+    assert coronal.size == (TARGET_PIXELS // 2, TARGET_PIXELS), "5 slices of 4 mm by 10 mm"
+    outlined = np.asarray(
+        plane_picture(display, "axial", (4, 9, 2), Style(0.5, 1.0, 1.0, filled=False), labels)
+    )
+    assert tuple(outlined[0, 0]) == label_colour(1), "a one-voxel region is its own outline"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -12,13 +11,15 @@ from pathlib import Path
 
 import psutil
 import pytest
+import tomllib
 import torch
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 from segment.engine.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
 from segment.models import ModelLoadError, load_model
 from segment.models.serialization import CONFIG_FILE, WEIGHTS_FILE
 from segment.models.sources import bundled_models
+from segment.workflows.viewer import viewer_command
 
 
 class CodeOnUnpickle:
@@ -63,12 +64,6 @@ def test_no_source_file_unpickles():
     assert offenders == []
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def listening_addresses(port: int, timeout: float = 120) -> set[str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -81,6 +76,7 @@ def listening_addresses(port: int, timeout: float = 120) -> set[str]:
     raise AssertionError(f"nothing listened on port {port} within {timeout} s")
 
 
+@pytest.mark.slow
 def test_the_viewer_server_listens_on_localhost_only(tmp_path):
     port = free_port()
     env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
@@ -98,6 +94,7 @@ def test_the_viewer_server_listens_on_localhost_only(tmp_path):
         server.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_the_mlflow_ui_listens_on_localhost_only(tmp_path):
     port = free_port()
     server = subprocess.Popen(
@@ -114,10 +111,13 @@ def test_the_mlflow_ui_listens_on_localhost_only(tmp_path):
         server.wait(timeout=30)
 
 
-def test_the_viewer_runs_with_the_upload_cap_from_the_project_config():
-    """`segment app` serves from the project root, so Streamlit reads .streamlit/config.toml there."""
-    shown = subprocess.run(
-        [sys.executable, "-m", "streamlit", "config", "show"], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert re.search(r"^maxUploadSize = 512$", shown.stdout, re.MULTILINE), shown.stdout[-2000:]
-    assert re.search(r'^address = "127\.0\.0\.1"$', shown.stdout, re.MULTILINE)
+def test_segment_app_serves_with_the_projects_streamlit_settings_from_any_folder():
+    """Streamlit reads .streamlit/config.toml only in its working folder, so `segment app` passes
+    every setting of it (the upload cap, the local address) as a flag."""
+    settings = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    command = viewer_command()
+    flags = dict(zip(command[5::2], command[6::2], strict=True))
+    assert flags["--server.maxUploadSize"] == "512" and flags["--server.address"] == "127.0.0.1"
+    for section, values in settings.items():
+        for key, value in values.items():
+            assert flags[f"--{section}.{key}"] == (str(value).lower() if isinstance(value, bool) else str(value))

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from segment.config import ExperimentConfig, ModelConfig
+from segment.errors import InputError
 from segment.models import (
     ModelLoadError,
     UNetEnsemble,
@@ -91,7 +92,7 @@ def test_an_ensemble_predicts_the_mean_of_its_members_softmax_with_the_skip_mask
         # The viewer's path: encode once, decode per skip setting.
         features = ensemble.encode(x)
         assert torch.equal(ensemble.decode(features, [1, 0, 1]), ensemble(x, [1, 0, 1]))
-    with pytest.raises(ValueError, match="has 2 entries but this model has 3"):
+    with pytest.raises(InputError, match="has 2 entries but this model has 3"):
         ensemble(x, [1, 0])
 
 
@@ -144,7 +145,7 @@ def test_export_copies_a_model_or_an_ensemble_with_every_members_own_config(tmp_
     [
         ({"model": {"out_channels": 2}}, "model.out_channels"),
         ({"model": {"levels": 3}}, "model.levels"),
-        ({"model": {"skips": (1, 0, 1)}}, "model.skips"),
+        ({"model": {"long_skips": (1, 0, 1)}}, "model.long_skips"),
         ({"data": {"modality": "ct"}}, "data.modality"),
         ({"labels": {0: "background", 1: "head", 2: "tail"}}, "labels"),
     ],

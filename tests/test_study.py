@@ -7,7 +7,9 @@ import os
 import subprocess
 
 import pytest
-from conftest import ROOT, segment_command, set_args, store_client, tiny_hippocampus_overrides
+from conftest import ROOT, run_segment, set_args, store_client, tiny_hippocampus_overrides
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -20,14 +22,7 @@ def study(tmp_path_factory, hippocampus_root):
     }
 
     def segment(*args: str) -> subprocess.CompletedProcess:
-        result = subprocess.run(
-            segment_command(*args),
-            cwd=folder,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        result = run_segment(*args, cwd=folder, env=env)
         assert result.returncode == 0, result.stderr[-2000:]
         return result
 
@@ -40,7 +35,7 @@ def study(tmp_path_factory, hippocampus_root):
         "--quiet",
         *overrides,
         "--set",
-        "model.skips=[0,0]",
+        "model.long_skips=[0,0]",
     )
     task = str(hippocampus_root / "Task04_Hippocampus")
     ablation = segment(
@@ -65,10 +60,10 @@ def test_evaluating_an_mlflow_model_logs_the_results_to_its_run(study):
     run = client.get_run(version.run_id)
     assert "eval_val_mean_dice" in run.data.metrics
     assert {
-        "eval_val_skips_11_mean_dice",
-        "eval_val_skips_01_mean_dice",
-        "eval_val_skips_10_mean_dice",
-        "eval_val_skips_00_mean_dice",
+        "eval_val_skip_mask_11_mean_dice",
+        "eval_val_skip_mask_01_mean_dice",
+        "eval_val_skip_mask_10_mean_dice",
+        "eval_val_skip_mask_00_mean_dice",
     } <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(version.run_id, "evaluation")}
     assert artifacts == {"evaluation/val.json", "evaluation/val.md", "evaluation/val_ablation.png"}

@@ -16,7 +16,9 @@ import pytest
 import torch
 from conftest import (
     ROOT,
-    segment_command,
+    in_test_folder,
+    one_sentence_error,
+    run_segment,
     set_args,
     start_tiny_training,
     store_client,
@@ -25,6 +27,7 @@ from conftest import (
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
+from segment import workflows
 from segment.cli import app
 from segment.config import ConfigError, load_config
 from segment.engine.checkpoint import load_checkpoint
@@ -38,21 +41,11 @@ def store(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
-def in_test_folder(tmp_path: Path, data_root: Path) -> dict:
-    """``train`` arguments for a quiet in-process run whose store and checkpoints stay in
-    ``tmp_path``."""
-    return {
-        "data_root": data_root,
-        "tracking_uri": store(tmp_path),
-        "output_root": tmp_path / "runs",
-        "progress": False,
-    }
-
-
 def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
+@pytest.mark.slow
 def test_a_short_run_is_fully_tracked_and_its_model_registered(tmp_path, hippocampus_root):
     config = load_config(CONFIG, tiny_hippocampus_overrides(epochs=2))
     figures_before = plt.get_fignums()
@@ -87,7 +80,12 @@ def test_a_short_run_is_fully_tracked_and_its_model_registered(tmp_path, hippoca
     assert not [number for number in plt.get_fignums() if number not in figures_before], "figures released"
 
     assert set(result.best_dice) == {"Anterior", "Posterior"}
-    assert 0.0 <= result.best_mean_dice <= 1.0
+    # The summary, the run's metrics and the registry tell the same best epoch.
+    history = dict((m.step, m.value) for m in client.get_metric_history(result.run_id, "val_mean_dice"))
+    assert result.best_mean_dice == pytest.approx(max(history.values()))
+    assert history[result.best_epoch] == pytest.approx(result.best_mean_dice)
+    assert result.best_mean_dice == pytest.approx(sum(result.best_dice.values()) / 2)
+    assert run.data.metrics["best_val_mean_dice"] == pytest.approx(result.best_mean_dice)
     best = client.get_model_version_by_alias("hippocampus_3d", "best")
     assert best.run_id == result.run_id
     downloaded = mlflow.artifacts.download_artifacts(
@@ -98,6 +96,26 @@ def test_a_short_run_is_fully_tracked_and_its_model_registered(tmp_path, hippoca
         update={"labels": {0: "background", 1: "Anterior", 2: "Posterior"}}
     )
     assert model(torch.zeros(1, 1, 20, 24, 20)).shape == (1, 3, 20, 24, 20)
+
+
+@pytest.mark.slow
+def test_runs_tell_apart_in_the_mlflow_ui_by_name_dataset_and_kind(tmp_path, hippocampus_root):
+    overrides = tiny_hippocampus_overrides()
+    result = workflows.train(
+        CONFIG, overrides, data_root=hippocampus_root, tracking_uri=store(tmp_path),
+        output_dir=tmp_path / "runs", progress=False,
+    )
+    client = store_client(store(tmp_path))
+    run = client.get_run(result.run_id)
+    assert run.info.run_name == " ".join(["hippocampus_3d", *overrides])
+    (used,) = run.inputs.dataset_inputs
+    assert used.dataset.name == "Task04_Hippocampus"
+    assert used.dataset.digest == run.data.tags["dataset_fingerprint"]
+    tags = {tag.key: tag.value for tag in used.tags}
+    assert tags["mlflow.data.context"] == "training"
+    assert tags["split"] == "25% validation, split seed 0"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_the_same_split_and_fingerprint_for_the_same_seed(tmp_path, hippocampus_root):
@@ -132,6 +150,7 @@ def test_more_folds_than_cases_is_refused_in_one_sentence(hippocampus_root):
         split_task(config, hippocampus_root)
 
 
+@pytest.mark.slow
 def test_runs_lists_every_run_and_averages_each_cross_validation_over_its_folds(tmp_path, hippocampus_root):
     """Both folds of one recipe and one fold of another: the table lists all three runs, and
     each recipe's folds are averaged apart, named by the setting that tells them apart."""
@@ -159,6 +178,7 @@ def test_runs_lists_every_run_and_averages_each_cross_validation_over_its_folds(
     assert lines[partial + 1] == "  recipe: trainer.seed=1"
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_in_the_same_mlflow_run(tmp_path, hippocampus_root):
     env = os.environ | {"SEGMENT_DATA_ROOT": str(hippocampus_root), "MLFLOW_TRACKING_URI": store(tmp_path)}
     runs = tmp_path / "runs"
@@ -180,22 +200,17 @@ def test_an_interrupted_run_resumes_in_the_same_mlflow_run(tmp_path, hippocampus
     done = len(metric_steps(client, run_id, "train_loss"))
     assert done >= 1
 
-    resumed = subprocess.run(
-        segment_command(
-            "train",
-            "--resume",
-            run_id,
-            "--output-dir",
-            str(runs),
-            "--quiet",
-            "--set",
-            f"trainer.max_epochs={done + 1}",
-        ),
+    resumed = run_segment(
+        "train",
+        "--resume",
+        run_id,
+        "--output-dir",
+        str(runs),
+        "--quiet",
+        "--set",
+        f"trainer.max_epochs={done + 1}",
         cwd=tmp_path,
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
     )
     assert resumed.returncode == 0, resumed.stderr
     assert f"Finished run {run_id}" in resumed.stdout
@@ -205,6 +220,7 @@ def test_an_interrupted_run_resumes_in_the_same_mlflow_run(tmp_path, hippocampus
     assert metric_steps(client, run_id, "train_loss") == list(range(1, done + 2))
 
 
+@pytest.mark.slow
 def test_a_moving_average_of_the_weights_is_validated_kept_and_resumed(tmp_path, hippocampus_root):
     config = load_config(CONFIG, [*tiny_hippocampus_overrides(epochs=1), "trainer.ema_decay=0.9"])
     runs = tmp_path / "runs"
@@ -227,6 +243,7 @@ def test_a_moving_average_of_the_weights_is_validated_kept_and_resumed(tmp_path,
     assert resumed["state"].global_step == 2 * checkpoint["state"].global_step
 
 
+@pytest.mark.slow
 def test_a_deeply_supervised_model_trains_and_predicts_at_full_resolution(tmp_path, hippocampus_root):
     config = load_config(CONFIG, [*tiny_hippocampus_overrides(epochs=2), "model.deep_supervision=1"])
     result = train(config, **in_test_folder(tmp_path, hippocampus_root))
@@ -240,6 +257,7 @@ def test_a_deeply_supervised_model_trains_and_predicts_at_full_resolution(tmp_pa
         assert model.eval()(volume).shape == (1, 3, 35, 51, 33)
 
 
+@pytest.mark.slow
 def test_a_step_with_a_non_finite_gradient_is_skipped_and_counted(tmp_path, hippocampus_root):
     # CPU bf16 convolutions now and then return a NaN weight gradient; one such step must not
     # poison the weights. The first training step's output gradient is made NaN here.
@@ -268,6 +286,7 @@ def test_a_step_with_a_non_finite_gradient_is_skipped_and_counted(tmp_path, hipp
     assert result.best_mean_dice > 0
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_train_one_run_and_log_once(tmp_path, hippocampus_root):
     env = os.environ | {
         "SEGMENT_DATA_ROOT": str(hippocampus_root),
@@ -305,23 +324,18 @@ def test_two_gloo_processes_train_one_run_and_log_once(tmp_path, hippocampus_roo
     assert [int(v.version) for v in client.search_model_versions("name='hippocampus_3d'")] == [1]
 
 
+@pytest.mark.slow
 def test_missing_data_gives_one_clear_sentence(tmp_path):
     # An unknown task cannot be downloaded, so this needs no network on any machine.
-    result = subprocess.run(
-        segment_command(
-            "train", "--config", CONFIG, "--data-root", str(tmp_path), "--set", "data.task=Task90_ISBI2012"
-        ),
+    result = run_segment(
+        "train", "--config", CONFIG, "--data-root", str(tmp_path), "--set", "data.task=Task90_ISBI2012",
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
         env=os.environ | {"MLFLOW_TRACKING_URI": store(tmp_path)},
     )
+    message = one_sentence_error(result)
     assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert "Task90_ISBI2012 was not found: expected" in result.stderr
-    assert "SEGMENT_DATA_ROOT" in result.stderr
-    assert result.stderr.strip().count("\n") == 0
+    assert "Task90_ISBI2012 was not found: expected" in message
+    assert "SEGMENT_DATA_ROOT" in message
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
@@ -335,6 +349,7 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert learning_rate(config, 1.0, 100, 10) == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.slow
 def test_a_2d_patch_model_trains_on_converted_isbi_slices(tmp_path, hippocampus_root):
     source = hippocampus_root / "ISBI2012_EM_membrane"
     converted = subprocess.run(
@@ -366,11 +381,14 @@ def test_a_2d_patch_model_trains_on_converted_isbi_slices(tmp_path, hippocampus_
     config = load_config(ROOT / "configs" / "isbi2012_2d.yaml", overrides)
     result = train(config, **in_test_folder(tmp_path, tmp_path))
     assert set(result.best_dice) == {"membrane"}
-    assert 0.0 <= result.best_mean_dice <= 1.0
+    assert result.best_dice["membrane"] == pytest.approx(result.best_mean_dice)
+    # Patches of 64 x 64 trained, whole 512 x 512 slices validated through the sliding window.
+    model, _ = load_model(result.model_dir)
+    assert model(torch.zeros(1, 1, 64, 64)).shape == (1, 2, 64, 64)
 
 
 def test_a_store_named_relative_to_the_working_folder_stays_there_when_a_process_moves(tmp_path, monkeypatch):
-    from segment.tracking import resolve_tracking_uri
+    from segment.tracking.store import resolve_tracking_uri
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

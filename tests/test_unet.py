@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from segment.config import ModelConfig
+from segment.errors import InputError
 from segment.models import build_model
 from segment.models.blocks import InstanceNorm
 
@@ -73,7 +74,7 @@ def test_forward_is_encode_then_decode():
 
 def test_skip_mask_of_wrong_length_is_refused_with_a_clear_sentence():
     model = build_model(small_config()).eval()
-    with pytest.raises(ValueError, match="has 2 entries but this model has 3 long skips"):
+    with pytest.raises(InputError, match="has 2 entries but this model has 3 long skips"):
         model(make_input(3), [1, 0])
 
 

@@ -1,12 +1,19 @@
-"""The Streamlit viewer driven headless (AppTest) with a real hippocampus scan and model."""
+"""The Streamlit viewer: what its page shows, computed without Streamlit (segment.app.page_state
+and the page module's shape), then the page driven headless (AppTest) with a real hippocampus
+scan and model."""
 
 from __future__ import annotations
 
+import ast
 import gzip
+import hashlib
 import io
+import math
 import os
 import subprocess
+import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -15,8 +22,43 @@ import pandas as pd
 import pytest
 from conftest import ROOT, load_script, segment_command, set_args, tiny_hippocampus_overrides
 from PIL import Image
+from segment.app.page_state import (
+    Notice,
+    PeerMask,
+    Slot,
+    Upload,
+    against_all_on,
+    default_preset,
+    digest,
+    distance_caption,
+    level_labels,
+    mask_nifti,
+    mask_summary,
+    mask_text,
+    metrics_table,
+    model_choices,
+    peer_for,
+    preset_window,
+    read_upload,
+    skip_key,
+    skip_switches,
+    table_csv,
+    train_without_hint,
+    training_notice,
+    upload_names,
+    visible_planes,
+    window_presets,
+)
+from segment.app.rendering import AUTO_PRESET, label_colour
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
+
+from segment.config import ExperimentConfig, load_config
+from segment.engine.metrics import CaseScores
+from segment.engine.skip_explorer import MaskChange, SkipExplorer
+from segment.io import Scan, ScanError, read_scan
+from segment.tracking.runs import RegisteredModel
+from segment.workflows import load
 
 VIEWER = str(ROOT / "app" / "viewer.py")
 CASE = "hippocampus_001"
@@ -65,11 +107,312 @@ def metrics(app: AppTest) -> pd.DataFrame:
     return app.dataframe[0].value
 
 
+# --- what the page shows, without Streamlit -----------------------------------------------------
+
+
+def hippocampus_config(**model) -> ExperimentConfig:
+    config = load_config(ROOT / "configs" / "hippocampus_3d.yaml")
+    return config.model_copy(update={"model": config.model.model_copy(update=model)})
+
+
+def flat_scan(shape=(8, 9, 10), spacing=(1.0, 1.0, 1.0), unit: str | None = None) -> Scan:
+    affine = np.diag([*spacing, 1.0])
+    header = None
+    if unit is not None:
+        header = nib.Nifti1Header()
+        header.set_xyzt_units(unit)
+    return Scan(np.zeros(shape, np.float32), affine, Path("scan.nii.gz"), nifti_header=header)
+
+
+def registered(name: str, long_skips, task="Task04_Hippocampus", dims=3, dice=0.85) -> RegisteredModel:
+    return RegisteredModel(name, f"models:/{name}@best", 2, task, dice, dims, long_skips)
+
+
+def test_the_page_module_runs_nothing_on_import_and_the_state_needs_no_streamlit():
+    """Only imports, constants, definitions and the `__main__` guard at module level (Streamlit
+    and AppTest run the script as __main__); page_state and rendering never import Streamlit."""
+    for module in ("viewer.py", "page_state.py", "rendering.py"):
+        tree = ast.parse((ROOT / "app" / module).read_text())
+        for statement in tree.body:
+            if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
+                continue  # the docstring
+            if isinstance(statement, ast.Assign | ast.AnnAssign):
+                calls = [node for node in ast.walk(statement.value) if isinstance(node, ast.Call)]
+                assert all(ast.unparse(call.func) == "TypeVar" for call in calls), ast.unparse(statement)
+                targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
+                assert all(target.id.isupper() for target in targets), f"{module}: {ast.unparse(statement)}"
+                continue
+            if isinstance(statement, ast.If):
+                assert ast.unparse(statement) == "if __name__ == '__main__':\n    main()", module
+                assert module == "viewer.py"
+                continue
+            assert isinstance(statement, ast.Import | ast.ImportFrom | ast.FunctionDef | ast.ClassDef), (
+                f"{module}: {ast.unparse(statement)[:80]}"
+            )
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, segment.app.page_state, segment.app.rendering\n"
+            "print(sorted(name for name in sys.modules if name.split('.')[0] == 'streamlit'))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert probe.stdout.strip() == "[]"
+
+
+def test_levels_are_counted_from_1_in_labels_and_widget_keys():
+    config, scan = hippocampus_config(), flat_scan(spacing=(1.0, 1.0, 1.0))
+    switches = skip_switches(config, scan, (True, False, True, True))
+    assert [(s.level, s.key, s.on) for s in switches] == [
+        (1, "skip_level_1", True),
+        (2, "skip_level_2", False),
+        (3, "skip_level_3", True),
+        (4, "skip_level_4", True),
+    ]
+    assert [s.label for s in switches] == [
+        "level 1 - full resolution, 1 mm",
+        "level 2 - 1/2 resolution, 2 mm",
+        "level 3 - 1/4 resolution, 4 mm",
+        "level 4 - 1/8 resolution, 8 mm",
+    ]
+    assert skip_key(1) == "skip_level_1"
+    with pytest.raises(ValueError, match="counted from 1"):
+        skip_key(0)
+    with pytest.raises(ValueError, match="skip mask of 3"):
+        skip_switches(config, scan, (True, True, True))
+
+
+def test_level_labels_follow_anisotropic_spacing_the_unit_and_2d_pooling():
+    config = hippocampus_config()
+    anisotropic = level_labels(config, flat_scan(spacing=(0.5, 0.5, 2.0)))
+    assert anisotropic[1] == "level 2 - 1/2 resolution, 1 x 1 x 4 mm"
+    em = load_config(ROOT / "segment" / "pretrained" / "isbi2012_2d" / "config.yaml")
+    labels = level_labels(em, flat_scan((64, 64, 1), spacing=(0.004, 0.004, 0.05), unit="micron"))
+    assert labels[:2] == ["level 1 - full resolution, 0.004 µm", "level 2 - 1/2 resolution, 0.008 µm"]
+
+
+def test_model_choices_list_bundled_models_then_registered_ones():
+    choices = model_choices(["hippocampus_3d", "isbi2012_2d"], [registered("hippo_skips1011", (1, 0, 1, 1))])
+    assert choices == {
+        "hippocampus_3d (bundled)": "hippocampus_3d",
+        "isbi2012_2d (bundled)": "isbi2012_2d",
+        "hippo_skips1011 v2 (Task04_Hippocampus, val Dice 0.850)": "models:/hippo_skips1011@best",
+    }
+    assert model_choices([], []) == {}
+
+
+def test_the_training_notice_says_what_a_switched_off_skip_means():
+    assert training_notice(hippocampus_config(long_skips=(1, 0, 1, 1))).kind == "info"
+    dropout = training_notice(hippocampus_config(skip_dropout=(0.0, 0.2, 0.1, 0.0)))
+    assert dropout == Notice(
+        "success",
+        "Trained with skip dropout 0.2: switching skips off stays close to what it saw in training.",
+    )
+    plain = training_notice(hippocampus_config(skip_dropout=0.0, long_skips=None))
+    assert plain.kind == "warning" and "exaggerates what the skip carries" in plain.text
+
+
+def test_the_peer_is_a_registered_model_of_the_task_built_with_exactly_the_skips_left_on():
+    config = hippocampus_config(long_skips=None)
+    built = (True, True, True, True)
+    models = [
+        registered("other_task", (1, 0, 1, 1), task="Task02_Heart"),
+        registered("flat", (1, 0, 1, 1), dims=2),
+        registered("all_on", (1, 1, 1, 1)),
+        registered("without_2", (1, 0, 1, 1)),
+    ]
+    assert peer_for(models, config, built, built) is None, "nothing to compare while no skip is off"
+    assert peer_for(models, config, (True, False, True, True), built).name == "without_2"
+    assert peer_for(models, config, (False, True, True, True), built) is None
+    assert train_without_hint((False, True, True, True)) == (
+        "No registered model was trained without these skips; train one with "
+        "`--set model.long_skips=[0,1,1,1] model.skip_dropout=0`."
+    )
+
+
+def test_an_upload_is_read_under_our_name_and_errors_name_the_upload(tmp_path):
+    image = nib.Nifti1Image(np.arange(512, dtype=np.float32).reshape(8, 8, 8), np.eye(4))
+    data = gzip.compress(image.to_bytes())
+    name = "../../evil dir/x;rm -rf.nii.gz"
+    upload = read_upload(name, data, "scan")
+    assert upload.name == name and upload.scan.path.name == "scan.nii.gz"
+    assert upload.digest == digest(data) == hashlib.sha256(data).hexdigest()
+    np.testing.assert_array_equal(upload.scan.array, np.asarray(image.dataobj))
+    with pytest.raises(ScanError, match=r"The labels 'notes.txt' is not a NIfTI file"):
+        read_upload("notes.txt", data, "labels")
+    with pytest.raises(ScanError, match=r"^empty\.NII: .*|^empty\.NII is empty"):
+        read_upload("empty.NII", b"", "scan")
+
+
+def test_upload_names_replace_our_names_in_one_pass():
+    scan = Upload("myscan.nii.gz", "1", flat_scan())  # its name holds our name for the scan
+    labels = Upload("labels of scan.nii.gz", "2", replace(flat_scan(), path=Path("labels.nii.gz")))
+    message = "labels.nii.gz: the label's shape differs; check that it is the labelling of scan.nii.gz."
+    assert upload_names(message, labels, scan) == (
+        "labels of scan.nii.gz: the label's shape differs; check that it is the labelling of myscan.nii.gz."
+    )
+    assert upload_names(message, None) == message
+
+
+def test_a_slot_keeps_one_value_per_key_and_survives_a_failed_build():
+    slot, builds = Slot(), []
+
+    def build(value):
+        builds.append(value)
+        return value
+
+    assert slot.get("a", lambda: build(1)) == 1
+    assert slot.get("a", lambda: build(2)) == 1, "same key: not rebuilt"
+    assert slot.get("b", lambda: build(3)) == 3
+    with pytest.raises(ScanError):
+        slot.get("c", lambda: (_ for _ in ()).throw(ScanError("unusable")))
+    assert slot.get("b", lambda: build(4)) == 3, "a failed build keeps what was there"
+    assert builds == [1, 3]
+
+
+def test_display_choices():
+    assert window_presets()[0] == AUTO_PRESET and "CT lung" in window_presets()
+    assert default_preset(hippocampus_config()) == 0
+    ct = load_config(ROOT / "configs" / "hippocampus_3d.yaml")
+    ct = ct.model_copy(update={"data": ct.data.model_copy(update={"modality": "ct"})})
+    assert window_presets()[default_preset(ct)] == "CT soft tissue"
+    assert preset_window("CT lung", (5.0, 10.0)) == (-600.0, 1500.0)
+    assert preset_window(AUTO_PRESET, (5.0, 10.0)) == (5.0, 10.0)
+    assert visible_planes((30, 40, 20)) == ["axial", "coronal", "sagittal"]
+    assert visible_planes((64, 64, 1)) == ["axial"], "one 2D slice: one picture"
+    assert visible_planes((1, 1, 1)) == ["axial", "coronal", "sagittal"]
+
+
+def test_the_mask_summary_gives_the_skip_mask_and_each_labels_colour():
+    summary = mask_summary((True, False, True, True), {0: "background", 1: "Anterior", 2: "Posterior"})
+    assert summary.startswith("**Mask** (skips 1011): ")
+    assert summary.count("&#9632;") == 2 and "background" not in summary
+    assert f"rgb{label_colour(2)}'>&#9632;</span> Posterior" in summary
+    assert mask_text((False, True)) == "01"
+
+
+NAMES = {0: "background", 1: "Anterior", 2: "Posterior"}
+
+
+def test_the_metrics_table_from_fixed_results():
+    scan = flat_scan(spacing=(1.0, 2.0, 1.0))  # 2 mm³ voxels
+    mask = np.zeros(scan.array.shape, np.int64)
+    mask[0, 0, :5], mask[1, 0, :3] = 1, 2
+    change = MaskChange(
+        mask > 0, mask > 0, {"Anterior": -0.002, "Posterior": 0.00012345}, {"Anterior": 0.5, "Posterior": 1.0}
+    )
+    table = metrics_table(NAMES, scan, mask, change)
+    assert table.to_dict("list") == {
+        "label": ["Anterior", "Posterior"],
+        "volume (mL)": [0.01, 0.006],
+        "change vs all skips on (mL)": [-0.002, 0.0001],
+        "Dice vs all skips on": [0.5, 1.0],
+    }
+    assert against_all_on(table, scan) == (
+        "**Against all skips on**: Anterior Dice 0.500, -0.002 mL, Posterior Dice 1.000, +0.000 mL"
+    )
+    assert distance_caption({}, scan) is None
+
+    peer = PeerMask(
+        "peer v1",
+        np.where(mask == 1, 1, 0),
+        replace(change, dice_to_reference={"Anterior": 1.0, "Posterior": 0.0}),
+    )
+    now = CaseScores(
+        "case",
+        dice={"Anterior": 0.8, "Posterior": 0.7},
+        hd95={"Anterior": 1.5, "Posterior": math.nan},
+        nsd={"Anterior": 0.9, "Posterior": 0.95},
+        nsd_tolerance=2.0,
+    )
+    table = metrics_table(
+        NAMES, scan, mask, change, peer, {"now": now, "all on": now, "trained without": now}
+    )
+    assert list(table.columns) == [
+        "label",
+        "volume (mL)",
+        "change vs all skips on (mL)",
+        "Dice vs all skips on",
+        "volume, trained without (mL)",
+        "Dice, switched off vs trained without",
+        *(
+            f"{metric} vs truth ({when})"
+            for metric in ("dice", "hd95", "nsd")
+            for when in ("now", "all on", "trained without")
+        ),
+    ]
+    assert list(table["volume, trained without (mL)"]) == [0.01, 0.0]
+    assert list(table["Dice, switched off vs trained without"]) == [1.0, 0.0]
+    assert table["hd95 vs truth (now)"][0] == 1.5 and math.isnan(table["hd95 vs truth (now)"][1])
+    assert distance_caption({"now": now}, scan) == "HD95 in mm; NSD with a tolerance of 2 mm."
+    assert pd.read_csv(io.StringIO(table_csv(table))).shape == table.shape
+
+
+@pytest.fixture(scope="module")
+def hippocampus_explorer(hippocampus_root) -> SkipExplorer:
+    model = load("hippocampus_3d", device="cpu")
+    scan = read_scan(hippocampus_root / "Task04_Hippocampus" / "imagesTr" / f"{CASE}.nii.gz")
+    return SkipExplorer(model.network, model.config, scan, model.runtime)
+
+
+def test_the_metrics_table_from_a_real_explorer(hippocampus_explorer, hippocampus_root):
+    explorer = hippocampus_explorer
+    scan, names = explorer.scan, explorer.config.label_names
+    built = explorer.model.resolve_skip_mask(None)
+    reference = explorer.mask(built)
+    mask = explorer.mask((False, *built[1:]))
+    change = explorer.compare(mask, reference)
+    truth = read_scan(hippocampus_root / "Task04_Hippocampus" / "labelsTr" / f"{CASE}.nii.gz").array
+    scores = {"now": explorer.score(mask, truth), "all on": explorer.score(reference, truth)}
+    table = metrics_table(names, scan, mask, change, scores=scores)
+    assert list(table["label"]) == ["Anterior", "Posterior"]
+    for value, name in ((1, "Anterior"), (2, "Posterior")):
+        row = table.set_index("label").loc[name]
+        assert row["volume (mL)"] == round(float((mask == value).sum()) * scan.voxel_volume, 4)
+        before = float((reference == value).sum()) * scan.voxel_volume
+        assert row["change vs all skips on (mL)"] == pytest.approx(row["volume (mL)"] - before, abs=1e-3)
+        assert row["dice vs truth (now)"] == round(scores["now"].dice[name], 4)
+    assert (table["Dice vs all skips on"] < 1.0).all()
+    assert (table["dice vs truth (all on)"] > 0.8).all()
+    same = metrics_table(names, scan, reference, explorer.compare(reference, reference))
+    assert (same["Dice vs all skips on"] == 1.0).all() and (same["change vs all skips on (mL)"] == 0).all()
+    assert "Anterior Dice 1.000, +0.000 mL" in against_all_on(same, scan)
+
+    written = nib.Nifti1Image.from_bytes(gzip.decompress(mask_nifti(mask, scan, names)))
+    np.testing.assert_array_equal(np.asarray(written.dataobj), mask)
+    np.testing.assert_allclose(written.affine, scan.affine, atol=1e-5)
+
+
+# --- the page, driven headless ------------------------------------------------------------------
+
+
+def test_an_unusable_mlflow_store_leaves_the_bundled_models(tmp_path, monkeypatch):
+    (tmp_path / "broken.db").write_text("not a database")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'broken.db'}")
+    monkeypatch.chdir(tmp_path)
+    app = AppTest.from_file(VIEWER, default_timeout=180).run()
+    assert not app.exception
+    assert [caption.value for caption in app.sidebar.caption] == ["MLflow models unavailable: DatabaseError"]
+    assert app.selectbox(key="model").options == ["hippocampus_3d (bundled)", "isbi2012_2d (bundled)"]
+    assert "Upload a NIfTI scan to begin." in [info.value for info in app.info]
+
+
 def test_upload_shows_the_mask_and_switching_a_skip_changes_picture_and_numbers(viewer, case_bytes, media):
     scan, truth = case_bytes
     assert "Upload a NIfTI scan to begin." in [info.value for info in viewer.info]
     app = upload(viewer, "scan", "case.nii.gz", scan)
     assert not app.exception and not app.error
+    assert [(toggle.key, toggle.label) for toggle in app.sidebar.toggle] == [
+        ("skip_level_1", "level 1 - full resolution, 1 mm"),
+        ("skip_level_2", "level 2 - 1/2 resolution, 2 mm"),
+        ("skip_level_3", "level 3 - 1/4 resolution, 4 mm"),
+        ("skip_level_4", "level 4 - 1/8 resolution, 8 mm"),
+    ], "one switch per long skip, levels counted from 1"
+    assert any(markdown.value.startswith("**Mask** (skips 1111): ") for markdown in app.markdown)
+    assert "Anterior Dice 1.000" in next(m.value for m in app.markdown if "Against all skips on" in m.value)
     assert [image.captions[0] for image in app.image] == ["axial", "coronal", "sagittal"]
     before = [image.value[0] for image in app.image]
     table = metrics(app)
@@ -80,8 +423,11 @@ def test_upload_shows_the_mask_and_switching_a_skip_changes_picture_and_numbers(
     app = upload(app, "truth", "labels.nii.gz", truth)
     assert (metrics(app)["dice vs truth (all on)"] > 0.8).all()
 
-    app = app.toggle(key="skip_0").set_value(False).run()
+    app = app.toggle(key="skip_level_1").set_value(False).run()
     assert not app.exception
+    assert any(markdown.value.startswith("**Mask** (skips 0111): ") for markdown in app.markdown)
+    assert "`--set model.long_skips=[0,1,1,1] model.skip_dropout=0`" in app.sidebar.caption[-1].value
+    assert "HD95 in mm; NSD with a tolerance of" in " ".join(caption.value for caption in app.caption)
     table = metrics(app)
     assert (table["Dice vs all skips on"] < 1.0).all()
     assert (table["change vs all skips on (mL)"] != 0).any()
@@ -148,7 +494,11 @@ def test_a_ground_truth_of_another_scan_is_refused(viewer, case_bytes, hippocamp
     other = sorted((hippocampus_root / "Task04_Hippocampus" / "labelsTr").glob("*.nii.gz"))[5].read_bytes()
     app = upload(viewer, "scan", "case.nii.gz", case_bytes[0])
     app = upload(app, "truth", "other.nii.gz", other)
-    assert any("differs from the scan's" in error.value for error in app.error)
+    assert any(
+        error.value.startswith("other.nii.gz: the label's shape or affine differs from the image's; ")
+        and error.value.endswith("check that it is the labelling of case.nii.gz.")
+        for error in app.error
+    ), "named as uploaded"
     assert "dice vs truth (now)" not in metrics(app).columns
 
 
@@ -186,12 +536,14 @@ def store_with_a_model_trained_without_level_2(tmp_path, hippocampus_root) -> st
         *tiny_hippocampus_overrides(),
         "model.levels=5",
         "model.base_channels=2",
-        "model.skips=[1,0,1,1]",
+        "model.long_skips=[1,0,1,1]",
         "model.skip_dropout=0",
         "name=hippocampus_3d_skips1011",
     ]
     trained = subprocess.run(
-        segment_command("train", "--config", str(ROOT / "configs/hippocampus_3d.yaml"), "--quiet", *set_args(overrides)),
+        segment_command(
+            "train", "--config", str(ROOT / "configs/hippocampus_3d.yaml"), "--quiet", *set_args(overrides)
+        ),
         cwd=tmp_path,
         env=os.environ | {"SEGMENT_DATA_ROOT": str(hippocampus_root), "MLFLOW_TRACKING_URI": uri},
         capture_output=True,
@@ -211,17 +563,21 @@ def test_a_switched_off_skip_can_be_set_beside_a_model_trained_without_it(
     assert app.selectbox(key="model").value == "hippocampus_3d (bundled)"
     assert not [box for box in app.checkbox if box.key == "side_by_side"], "no peer while all skips are on"
 
-    app = app.toggle(key="skip_0").set_value(False).run()
+    app = app.toggle(key="skip_level_1").set_value(False).run()
     assert not [box for box in app.checkbox if box.key == "side_by_side"], "no model lacks level 1 only"
-    app = app.toggle(key="skip_0").set_value(True).run()
-    app = app.toggle(key="skip_1").set_value(False).run()
+    app = app.toggle(key="skip_level_1").set_value(True).run()
+    app = app.toggle(key="skip_level_2").set_value(False).run()
     offer = app.checkbox(key="side_by_side")
     assert "hippocampus_3d_skips1011" in offer.label
 
     app = offer.check().run()
     assert not app.exception and not app.error
     captions = [image.captions[0] for image in app.image]
-    assert captions[3:6] == ["axial: trained without", "coronal: trained without", "sagittal: trained without"]
+    assert captions[3:6] == [
+        "axial: trained without",
+        "coronal: trained without",
+        "sagittal: trained without",
+    ]
     app = upload(app, "truth", "labels.nii.gz", case_bytes[1])
     table = metrics(app)
     assert table["Dice, switched off vs trained without"].between(0, 1).all()
@@ -242,10 +598,14 @@ def test_an_em_slice_is_measured_in_its_own_micrometres(viewer, isbi_source, tmp
     app = upload(app, "scan", "slice.nii.gz", (tmp_path / "slice.nii.gz").read_bytes())
     app = upload(app, "truth", "membranes.nii.gz", (tmp_path / "membranes.nii.gz").read_bytes())
     assert not app.exception and not app.error
-    assert app.toggle(key="skip_0").label.endswith("full resolution, 0.004 µm")
-    assert app.toggle(key="skip_1").label.endswith("1/2 resolution, 0.008 µm"), "pooled within the slice only"
+    assert app.toggle(key="skip_level_1").label.endswith("full resolution, 0.004 µm")
+    assert app.toggle(key="skip_level_2").label.endswith("1/2 resolution, 0.008 µm"), (
+        "pooled within the slice only"
+    )
     table = metrics(app)
     assert 0.7 < table["dice vs truth (all on)"][0] <= 1.0
     assert table["volume (µm³)"][0] > 0
-    assert 0.5 < table["nsd vs truth (all on)"][0] < 0.999, "a tolerance of two pixels, not of the whole slice"
+    assert 0.5 < table["nsd vs truth (all on)"][0] < 0.999, (
+        "a tolerance of two pixels, not of the whole slice"
+    )
     assert "NSD with a tolerance of 0.008 µm" in " ".join(caption.value for caption in app.caption)

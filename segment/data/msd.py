@@ -33,13 +33,14 @@ from urllib.error import HTTPError, URLError
 from monai.apps import DecathlonDataset, HashCheckError, download_url, extractall
 
 from segment.atomic import read_only_ancestor
+from segment.errors import SegmentError
 
 # Copies, so nothing done to these tables (tests point them at local files) can leak into MONAI.
 TASKS: dict[str, str] = dict(DecathlonDataset.resource)
 MD5: dict[str, str] = dict(DecathlonDataset.md5)
 
 
-class DataNotFoundError(RuntimeError):
+class DataNotFoundError(SegmentError):
     """The task's data is not where it is expected and could not be fetched."""
 
 

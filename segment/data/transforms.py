@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import math
 
+import torch
 from monai import transforms as T
+from monai.data import MetaTensor
 
 from segment.config import ExperimentConfig
+from segment.io import Scan, read_scan
 
 IMAGE, LABEL = "image", "label"
 
@@ -37,14 +40,28 @@ def orient_and_normalise(config: ExperimentConfig, keys: tuple[str, ...], keep_m
     return steps
 
 
+def scan_as_tensor(scan: Scan) -> MetaTensor:
+    """``scan`` as a channel-first (1, X, Y, Z) MetaTensor carrying its voxel -> RAS affine."""
+    return MetaTensor(torch.from_numpy(scan.array[None].copy()), affine=torch.from_numpy(scan.affine))
+
+
+class ReadScand(T.MapTransform):
+    """Reads the files named under ``keys`` with :func:`segment.io.read_scan`, the reader
+    prediction uses, so training sees scans exactly as prediction will (same checks, same
+    repair of NaN voxels, NRRD and MHA too)."""
+
+    def __call__(self, data: dict) -> dict:
+        read = dict(data)
+        for key in self.key_iterator(read):
+            read[key] = scan_as_tensor(read_scan(read[key]))
+        return read
+
+
 def read_and_normalise(config: ExperimentConfig) -> list:
-    """Load an image and its label from disk, channel-first, then :func:`orient_and_normalise`.
+    """Read an image and its label from disk, channel-first, then :func:`orient_and_normalise`.
     Deterministic, so a CacheDataset keeps its output in memory. Every scan is read as a 3D
     volume; 2D models see its axial slices later."""
-    return [
-        T.LoadImaged((IMAGE, LABEL), image_only=True, ensure_channel_first=True),
-        *orient_and_normalise(config, (IMAGE, LABEL)),
-    ]
+    return [ReadScand((IMAGE, LABEL)), *orient_and_normalise(config, (IMAGE, LABEL))]
 
 
 def _sample(config: ExperimentConfig) -> list:

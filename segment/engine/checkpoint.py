@@ -8,11 +8,12 @@ from pathlib import Path
 import torch
 
 from segment.atomic import write_atomically
+from segment.errors import SegmentError
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SegmentError):
     """A checkpoint is missing or unreadable."""
 
 

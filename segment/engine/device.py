@@ -12,8 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from segment.errors import SegmentError
 
-class DeviceError(RuntimeError):
+
+class DeviceError(SegmentError):
     """The requested device is not available."""
 
 
@@ -69,7 +71,9 @@ class Runtime:
 
 
 def _onednn_conv_forward(conv: nn.Module, input: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
-    return torch.mkldnn_convolution(input, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups)
+    return torch.mkldnn_convolution(
+        input, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups
+    )
 
 
 def route_convolutions_through_onednn(model: nn.Module) -> None:
@@ -77,8 +81,8 @@ def route_convolutions_through_onednn(model: nn.Module) -> None:
 
     For an fp32 batch of one, PyTorch picks its native im2col convolution whenever
     batch x channels x the first spatial sizes is at most 20,480 (ATen's ``use_mkldnn``), which
-    is every convolution of a hippocampus volume: there oneDNN runs the bundled network 3.9
-    times faster (0.050 s against 0.192 s per volume on 2 cores, ``benchmarks/inference.py``).
+    is every convolution of a hippocampus volume, and there oneDNN's kernels are several times
+    faster (``benchmarks/inference.py`` times both; figures in ``docs/benchmarks.md``).
     Gradients still flow: the backward pass is PyTorch's own."""
     for module in model.modules():
         if (
@@ -92,7 +96,7 @@ def route_convolutions_through_onednn(model: nn.Module) -> None:
 @functools.cache
 def cpu_supports_bf16() -> bool:
     """Native bf16 arithmetic (AVX-512 BF16 or AMX). oneDNN also accepts plain AVX-512, where
-    it emulates bf16 and autocast runs slower than fp32 (measured: 0.30 s per volume)."""
+    it emulates bf16 and autocast runs slower than fp32."""
     onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())

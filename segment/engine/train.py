@@ -1,14 +1,11 @@
-"""The training loop: one process or several (torchrun), tracked in MLflow, resumable."""
+"""The training loop, one process or several (torchrun), tracked in MLflow, resumable; one
+module over 350 lines until it is rebuilt from parts (setup, train_step, callbacks)."""
 
 from __future__ import annotations
 
 import gc
 import math
-import os
-import signal
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,22 +20,21 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from segment import plots, tracking
+from segment import plots
 from segment.atomic import discard_unfinished
 from segment.config import ExperimentConfig, apply_overrides, build_config, config_to_yaml
 from segment.data.loaders import training_loader, validation_dataset
 from segment.data.tasks import TaskSplit, resolve_data_root, split_task
 from segment.engine.checkpoint import CHECKPOINT_FILE, TrainingState, load_checkpoint, save_checkpoint
-from segment.engine.device import Runtime, make_runtime
+from segment.engine.distributed import Distributed, runtime_for, start_distributed
 from segment.engine.inference import predict_logits
-from segment.engine.validation import dice_per_class, mean_dice
-from segment.models import ModelLoadError, Segmenter, UNet, build_model, load_model, save_model
-from segment.models.ensemble import first_difference
-from segment.models.sources import resolve_model
+from segment.engine.scoring import mean_dice, validation_dice
+from segment.engine.stop_signals import StopSignals
+from segment.engine.teaching import copy_initial_weights, distillation_loss, load_teacher, moving_average
+from segment.models import Segmenter, UNet, build_model, load_model, save_model
+from segment.tracking import store
 
 BEST_MODEL_DIR = "best"
-# What a teacher must share with the network it teaches: one output per voxel of the same labels.
-TEACHER_SETTINGS = {"data": ("task",), "model": ("spatial_dims", "out_channels")}
 
 
 @dataclass(frozen=True)
@@ -76,145 +72,10 @@ def learning_rate(config: ExperimentConfig, progress: float, step: int, warmup_s
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def distillation_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """KL divergence of the student's softmax from the teacher's, both softened by
-    ``temperature``, summed over classes and averaged over voxels, times temperature^2 so that
-    its gradient keeps its scale whatever the temperature (Hinton et al., 2015)."""
-    target = (teacher_logits.float() / temperature).softmax(dim=1)
-    log_student = (student_logits.float() / temperature).log_softmax(dim=1)
-    divergence = (target * (target.clamp_min(1e-12).log() - log_student)).sum(dim=1)
-    return temperature**2 * divergence.mean()
-
-
-def _load_trained(spec: str, what: str) -> tuple[Segmenter, ExperimentConfig]:
-    try:
-        return load_model(resolve_model(spec, mlflow.get_tracking_uri()))
-    except ModelLoadError as error:
-        raise ModelLoadError(f"{what} {spec}: {error}") from None
-
-
-def _initial_weights(model: UNet, spec: str) -> None:
-    """Copy a trained model's weights into ``model``; it must have the same architecture."""
-    source, _ = _load_trained(spec, "trainer.init_from")
-    if isinstance(source, UNet):
-        try:
-            model.load_state_dict(source.state_dict())
-            return
-        except RuntimeError:
-            pass
-    raise ModelLoadError(
-        f"trainer.init_from {spec}: its weights do not fit the model this config builds; "
-        f"give a model of the same architecture."
-    )
-
-
-def _teacher(config: ExperimentConfig, runtime: Runtime) -> Segmenter:
-    teacher, teacher_config = _load_trained(config.trainer.teacher, "trainer.teacher")
-    setting = first_difference(config, teacher_config, TEACHER_SETTINGS)
-    if setting is not None:
-        raise ModelLoadError(
-            f"trainer.teacher {config.trainer.teacher} cannot teach this model: its {setting} differs."
-        )
-    for parameter in teacher.parameters():
-        parameter.requires_grad_(False)
-    return runtime.prepare_model(teacher).eval()
-
-
-def moving_average(model: UNet, decay: float) -> AveragedModel:
-    """An exponential moving average of ``model``'s weights. Its decay ramps up as
-    (1 + n) / (10 + n) towards ``decay``, so the random initialisation does not linger in
-    the average through the first epochs."""
-
-    def average(averaged: torch.Tensor, current: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-        rate = min(decay, float((1 + steps) / (10 + steps)))
-        return rate * averaged + (1.0 - rate) * current
-
-    return AveragedModel(model, avg_fn=average, use_buffers=True)
-
-
-class _StopSignals:
-    """Ctrl-C, and a scheduler's SIGTERM, stop training by raising KeyboardInterrupt, except
-    while an epoch's results are being saved: a stop that arrives then waits for the
-    checkpoint and the MLflow metrics to be written together, so a resumed run neither
-    repeats nor loses an epoch's record."""
-
-    _SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self._saving = False
-        self._pending = False
-        self._previous: dict[int, object] = {}
-
-    def _handler(self, signum, frame) -> None:
-        if self._saving:
-            self._pending = True
-        else:
-            raise KeyboardInterrupt
-
-    def __enter__(self) -> _StopSignals:
-        self._previous = {number: signal.signal(number, self._handler) for number in self._SIGNALS}
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for number, previous in self._previous.items():
-            signal.signal(number, previous)
-
-    @contextmanager
-    def saving(self) -> Iterator[None]:
-        self._saving = True
-        try:
-            yield
-        finally:
-            self._saving = False
-        if self._pending:
-            self._pending = False
-            raise KeyboardInterrupt
-
-
-@dataclass
-class _Distributed:
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def share(self, value):
-        """rank 0's ``value`` on every rank."""
-        if not self.enabled:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-
-def _start_distributed(runtime_device: str) -> _Distributed:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return _Distributed()
-    backend = "nccl" if runtime_device != "cpu" and torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return _Distributed(dist.get_rank(), world_size)
-
-
-def _runtime_for(config: ExperimentConfig, device: str, distributed: _Distributed) -> Runtime:
-    if distributed.enabled and device in ("auto", "cuda") and torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return make_runtime(device, config.trainer.amp, config.trainer.channels_last)
-
-
 def train(
     config: ExperimentConfig | None = None,
     *,
+    run_name: str | None = None,
     data_root: str | Path | None = None,
     tracking_uri: str | None = None,
     resume: str | None = None,
@@ -227,9 +88,9 @@ def train(
 
     Under ``torchrun`` every process calls this; rank 0 alone writes to MLflow and disk."""
     output_root = Path(output_root)
-    distributed = _start_distributed(device)
+    distributed = start_distributed(device)
     try:
-        tracking.use_store(tracking_uri)
+        store.use_store(tracking_uri)
         checkpoint = None
         if resume is not None:
             # A run killed while saving left its temporary file; the rename never happened.
@@ -238,7 +99,9 @@ def train(
             tree = yaml.safe_load(checkpoint["state"].config_yaml)
             config = build_config(apply_overrides(tree, overrides_on_resume or []), source=f"run {resume}")
         assert config is not None, "train() needs a config or a run to resume"
-        return _train(config, distributed, data_root, resume, checkpoint, output_root, device, progress)
+        return _train(
+            config, run_name or config.name, distributed, data_root, resume, checkpoint, output_root, device, progress
+        )
     finally:
         if distributed.enabled:
             # The finished run's DDP wrapper lives on in reference cycles, holding the process
@@ -251,7 +114,8 @@ def train(
 
 def _train(
     config: ExperimentConfig,
-    distributed: _Distributed,
+    run_name: str,
+    distributed: Distributed,
     data_root: str | Path | None,
     resume: str | None,
     checkpoint: dict | None,
@@ -261,7 +125,7 @@ def _train(
 ) -> TrainingResult:
     trainer = config.trainer
     set_determinism(trainer.seed + distributed.rank)
-    runtime = _runtime_for(config, device, distributed)
+    runtime = runtime_for(config, device, distributed)
     split = split_task(config.data, resolve_data_root(data_root), download=distributed.is_main)
     # The saved model carries the task's label names, so predictions can name their labels.
     config = config.model_copy(update={"labels": split.label_names})
@@ -270,9 +134,9 @@ def _train(
 
     model = build_model(config.model)
     if trainer.init_from is not None and checkpoint is None:
-        _initial_weights(model, trainer.init_from)
+        copy_initial_weights(model, trainer.init_from)
     model = runtime.prepare_model(model)
-    teacher = _teacher(config, runtime) if trainer.teacher is not None else None
+    teacher = load_teacher(config, runtime) if trainer.teacher is not None else None
     optimiser = torch.optim.AdamW(model.parameters(), lr=trainer.lr, weight_decay=trainer.weight_decay)
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.needs_grad_scaler else None
     averaged = moving_average(model, trainer.ema_decay) if trainer.ema_decay is not None else None
@@ -298,14 +162,14 @@ def _train(
         )
     )
 
-    run = tracking.start_run(config, resume) if distributed.is_main else None
+    run = store.start_run(config, run_name, resume) if distributed.is_main else None
     try:
         run_id = distributed.share(run.info.run_id if run else None)
         if state is None:
             state = TrainingState(run_id=run_id, config_yaml=config_to_yaml(config))
         run_dir = output_root / run_id
         if run is not None and resume is None:
-            tracking.log_run_setup(config, split.as_record(), runtime.describe())
+            store.log_run_setup(config, split, runtime.describe())
         loop = _Loop(
             config,
             distributed,
@@ -397,10 +261,10 @@ class _Loop:
         return fraction
 
     def run(self) -> str:
-        with _StopSignals() as stop_signals:
+        with StopSignals() as stop_signals:
             return self._run_epochs(stop_signals)
 
-    def _run_epochs(self, stop_signals: _StopSignals) -> str:
+    def _run_epochs(self, stop_signals: StopSignals) -> str:
         trainer = self.config.trainer
         warmup_steps = trainer.warmup_epochs * len(self.loader)
         session_start = time.perf_counter() - self.state.elapsed_seconds
@@ -508,7 +372,7 @@ class _Loop:
         return losses, samples, skipped
 
     def _validate(self, epoch: int) -> dict[str, float]:
-        scores = dice_per_class(
+        scores = validation_dice(
             self.kept_model, self.val_data, self.runtime, self.config, self.split.label_names
         )
         mean = mean_dice(scores)
@@ -522,7 +386,7 @@ class _Loop:
     def finish(self) -> int | None:
         """Figures and the registered model, once, at the end of a completed run."""
         keys = ["train_loss", "val_mean_dice", *(f"val_dice_{name}" for name in self.state.best_dice)]
-        history = tracking.metric_histories(self.state.run_id, keys)
+        history = store.metric_histories(self.state.run_id, keys)
         with plots.released(plots.learning_curves(history)) as figure:
             mlflow.log_figure(figure, "learning_curves.png")
         best_dir = self.run_dir / BEST_MODEL_DIR
@@ -530,7 +394,7 @@ class _Loop:
             return None
         self._log_overlay(best_dir)
         metrics = {"val_mean_dice": self.state.best_mean_dice}
-        return tracking.log_model_and_register(best_dir, self.config, metrics)
+        return store.log_model_and_register(best_dir, self.config, metrics)
 
     def _log_overlay(self, best_dir: Path) -> None:
         model, config = load_model(best_dir)
@@ -538,10 +402,8 @@ class _Loop:
         case = self.val_data[0]
         image, label = case["image"], np.asarray(case["label"][0])
         masks = {"ground truth": label}
-        for title, skips in (("prediction", None), ("prediction, all skips off", [0] * model.num_skips)):
-            logits = predict_logits(
-                model, image[None], self.runtime, config.trainer.roi_size, config.trainer.sw_batch_size, skips
-            )
+        for title, skip_mask in (("prediction", None), ("prediction, all skips off", [0] * model.num_skips)):
+            logits = predict_logits(model, image[None], self.runtime, config, skip_mask)
             masks[title] = logits.argmax(dim=1)[0].numpy()
         index = plots.busiest_slice(label)
         figure = plots.overlay_panels(

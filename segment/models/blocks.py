@@ -16,7 +16,7 @@ class InstanceNorm(nn.GroupNorm):
     the same parameters (``weight``, ``bias``) as ``nn.InstanceNorm3d(affine=True)``, so weights
     load either way. PyTorch's CPU instance norm returns a channels-first tensor from a
     channels-last one, which the next convolution copies back; its group norm keeps the layout
-    (for the bundled ensemble these copies were a fifth of the CPU inference time)."""
+    and saves those copies (``docs/benchmarks.md`` has the timings)."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True) -> None:
         super().__init__(num_features, num_features, eps=eps, affine=affine)

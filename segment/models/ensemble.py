@@ -46,7 +46,7 @@ def mismatch(first: ExperimentConfig, other: ExperimentConfig) -> str | None:
     if first.label_names != other.label_names:
         return "labels"
     if first.model.built_skips != other.model.built_skips:
-        return "model.skips"
+        return "model.long_skips"
     return None
 
 
@@ -75,22 +75,22 @@ class UNetEnsemble(nn.Module):
     def num_skips(self) -> int:
         return self.members[0].num_skips
 
-    def resolve_skips(self, skips: SkipMask) -> tuple[bool, ...]:
-        return self.members[0].resolve_skips(skips)
+    def resolve_skip_mask(self, skip_mask: SkipMask) -> tuple[bool, ...]:
+        return self.members[0].resolve_skip_mask(skip_mask)
 
     def encode(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
         """Each member's encoder features, in member order."""
         return [member.encode(x) for member in self.members]
 
-    def decode(self, features: Sequence[Sequence[torch.Tensor]], skips: SkipMask = None) -> torch.Tensor:
+    def decode(self, features: Sequence[Sequence[torch.Tensor]], skip_mask: SkipMask = None) -> torch.Tensor:
         probabilities = [
-            member.decode(member_features, skips).float().softmax(dim=1)
+            member.decode(member_features, skip_mask).float().softmax(dim=1)
             for member, member_features in zip(self.members, features, strict=True)
         ]
         return torch.stack(probabilities).mean(dim=0).log()
 
-    def forward(self, x: torch.Tensor, skips: SkipMask = None) -> torch.Tensor:
-        return self.decode(self.encode(x), skips)
+    def forward(self, x: torch.Tensor, skip_mask: SkipMask = None) -> torch.Tensor:
+        return self.decode(self.encode(x), skip_mask)
 
 
 Segmenter = UNet | UNetEnsemble

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from segment.atomic import current_umask, write_atomically
 from segment.config import ConfigError, ExperimentConfig, config_to_yaml, load_config
+from segment.errors import SegmentError
 from segment.models.ensemble import Segmenter, UNetEnsemble, mismatch
 from segment.models.unet import UNet
 
@@ -27,7 +28,7 @@ CONFIG_FILE = "config.yaml"
 ENSEMBLE_FILE = "ensemble.yaml"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(SegmentError):
     """A model directory is missing, incomplete or does not match its config."""
 
 

@@ -45,7 +45,7 @@ def _download_mlflow_model(uri: str, tracking_uri: str | None) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from segment.tracking import use_store
+    from segment.tracking.store import use_store
 
     store = use_store(tracking_uri)
     # A model is a few MB: MLflow's progress bar would only clutter the command's output.

@@ -13,11 +13,13 @@ from monai.networks.layers import Conv
 from torch import nn
 
 from segment.config import ModelConfig
+from segment.errors import InputError
 from segment.models.decoder import UNetDecoder
 from segment.models.encoders import build_encoder
 
 SkipMask = Sequence[bool | int] | None
-"""One flag per long skip, finest level first; None means the skips the model was built with."""
+"""The skips a caller switches on (1) or off (0) at run time, one flag per long skip, finest
+level first; None means the long skips the model was built with (``ModelConfig.long_skips``)."""
 
 
 class UNet(nn.Module):
@@ -48,14 +50,14 @@ class UNet(nn.Module):
         return self.encoder(x)
 
     def decode(
-        self, features: Sequence[torch.Tensor], skips: SkipMask = None
+        self, features: Sequence[torch.Tensor], skip_mask: SkipMask = None
     ) -> torch.Tensor | list[torch.Tensor]:
-        """Logits (B, out_channels, *spatial) at the input's size, with the given skips on.
+        """Logits (B, out_channels, *spatial) at the input's size, with the skips ``skip_mask`` leaves on.
 
         In training mode each enabled skip is also dropped with its skip-dropout probability,
         once per batch; a model with deep supervision then returns a list, the full-resolution
         logits first and each coarser level's logits (at that level's size) after them."""
-        skips_on = self.resolve_skips(skips)
+        skips_on = self.resolve_skip_mask(skip_mask)
         if self.training:
             dropped = torch.rand(self.num_skips) < self._skip_dropout
             skips_on = tuple(on and not drop for on, drop in zip(skips_on, dropped.tolist(), strict=True))
@@ -66,19 +68,19 @@ class UNet(nn.Module):
             return logits
         return [logits, *(head(x) for head, x in zip(supervised, coarser, strict=True))]
 
-    def forward(self, x: torch.Tensor, skips: SkipMask = None) -> torch.Tensor | list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, skip_mask: SkipMask = None) -> torch.Tensor | list[torch.Tensor]:
         """x: (B, in_channels, *spatial) -> logits (B, out_channels, *spatial); in training
         with deep supervision, a list of logits as :meth:`decode` says."""
-        return self.decode(self.encode(x), skips)
+        return self.decode(self.encode(x), skip_mask)
 
-    def resolve_skips(self, skips: SkipMask) -> tuple[bool, ...]:
+    def resolve_skip_mask(self, skip_mask: SkipMask) -> tuple[bool, ...]:
         """Validate a skip mask and return one bool per long skip, finest first. None means the
-        skips the model was built with (``config.skips``, by default all)."""
-        if skips is None:
+        long skips the model was built with (``config.long_skips``, by default all)."""
+        if skip_mask is None:
             return self.config.built_skips
-        flags = tuple(bool(flag) for flag in skips)
+        flags = tuple(bool(flag) for flag in skip_mask)
         if len(flags) != self.num_skips:
-            raise ValueError(
+            raise InputError(
                 f"The skip mask has {len(flags)} entries but this model has {self.num_skips} long "
                 f"skips; give one 0/1 per level, finest first."
             )

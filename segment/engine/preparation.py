@@ -1,8 +1,8 @@
-"""Scan in, mask out: the one prediction path shared by the CLI and the viewer.
+"""A scan as the model sees it, and back: the model's orientation and normalisation on the
+way in, the scan's own voxel grid on the way out.
 
 prepared = prepare(scan, config)              # RAS, normalised, as the model was trained
-logits = predict_logits(model, prepared.volume, ...)
-mask = prepared.restore(logits.argmax(1))     # back on the scan's own voxel grid
+labels = prepared.restore(logits.argmax(1))   # back on the scan's own voxel grid
 """
 
 from __future__ import annotations
@@ -15,11 +15,8 @@ from monai import transforms as T
 from monai.data import MetaTensor
 
 from segment.config import ExperimentConfig
-from segment.data.transforms import IMAGE, orient_and_normalise
-from segment.engine.device import Runtime
-from segment.engine.inference import predict_logits
+from segment.data.transforms import IMAGE, orient_and_normalise, scan_as_tensor
 from segment.io import Scan, ScanError
-from segment.models import Segmenter, SkipMask
 
 PREDICTION = "prediction"
 
@@ -57,8 +54,7 @@ def prepare(scan: Scan, config: ExperimentConfig) -> PreparedScan:
             "give it a 3D volume, or use a 2D model."
         )
     transform = T.Compose(orient_and_normalise(config, (IMAGE,), keep_meta=True))
-    image = MetaTensor(torch.from_numpy(scan.array[None].copy()), affine=torch.from_numpy(scan.affine))
-    data = transform({IMAGE: image})
+    data = transform({IMAGE: scan_as_tensor(scan)})
     return PreparedScan(_pad_tiny(data[IMAGE].as_tensor()[None], config), data, transform)
 
 
@@ -78,36 +74,3 @@ def _pad_tiny(volume: torch.Tensor, config: ExperimentConfig) -> torch.Tensor:
     for size in reversed(spatial):
         padding += [0, coarsest + 1 - size]
     return torch.nn.functional.pad(volume, padding, mode="replicate")
-
-
-def segment_scan(
-    model: Segmenter,
-    config: ExperimentConfig,
-    scan: Scan,
-    runtime: Runtime,
-    skips: SkipMask = None,
-    progress: bool = False,
-) -> np.ndarray:
-    """Integer labels for ``scan``, same shape and voxel order as ``scan.array``."""
-    return predict_prepared(model, config, prepare(scan, config), runtime, skips, progress)
-
-
-def predict_prepared(
-    model: Segmenter,
-    config: ExperimentConfig,
-    prepared: PreparedScan,
-    runtime: Runtime,
-    skips: SkipMask = None,
-    progress: bool = False,
-) -> np.ndarray:
-    """Integer labels for an already prepared scan, in the scan's own voxel grid."""
-    logits = predict_logits(
-        model,
-        prepared.volume,
-        runtime,
-        config.trainer.roi_size,
-        config.trainer.sw_batch_size,
-        skips,
-        progress,
-    )
-    return prepared.restore(logits.argmax(dim=1))

@@ -1,0 +1,1 @@
+"""The Streamlit viewer, installed as ``segment.app`` (``segment app`` starts it)."""

@@ -1,0 +1,108 @@
+"""Scores of a mask against a reference, per label: one Dice for training, evaluation and the
+viewer, and HD95, NSD and volume. MONAI computes each; this module fixes the conventions."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
+from monai.networks.utils import one_hot
+
+from segment.io import Scan, ScanError
+
+# In the scan's spatial unit, which for clinical scans is the millimetre.
+NSD_TOLERANCE = 1.0
+# MONAI's own surface-distance code passes an argument it has itself deprecated; the warning
+# says nothing a user of this module can act on.
+warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+
+
+def _one_hot(labels: np.ndarray | torch.Tensor, classes: int) -> torch.Tensor:
+    """Integer labels (*spatial) -> (1, classes, *spatial) one-hot floats."""
+    return one_hot(torch.as_tensor(np.asarray(labels).astype(np.int64))[None, None], classes)
+
+
+def dice_per_label(
+    prediction: np.ndarray | torch.Tensor, truth: np.ndarray | torch.Tensor, classes: int
+) -> torch.Tensor:
+    """Dice of each foreground label 1..classes-1 (a tensor of classes-1 values) between two
+    integer label arrays of one shape. A label absent from both counts as a perfect 1.0, as
+    in the Decathlon's scoring."""
+    return compute_dice(
+        _one_hot(prediction, classes), _one_hot(truth, classes), include_background=False, ignore_empty=False
+    )[0]
+
+
+def default_nsd_tolerance(scan: Scan) -> float:
+    """1 mm for clinical scans; two of the finest voxels for a scan in another unit (EM, in
+    micrometres), where a millimetre would cover the whole image."""
+    return NSD_TOLERANCE if scan.unit == "mm" else 2 * min(scan.spacing)
+
+
+@dataclass
+class CaseScores:
+    """Per-label scores of one case, keyed by label name; distances in the scan's ``unit``."""
+
+    case: str
+    unit: str = "mm"
+    nsd_tolerance: float = NSD_TOLERANCE
+    volume_unit: str = "mL"
+    dice: dict[str, float] = field(default_factory=dict)
+    hd95: dict[str, float] = field(default_factory=dict)  # NaN when either mask is empty
+    nsd: dict[str, float] = field(default_factory=dict)
+    volume: dict[str, float] = field(default_factory=dict)  # of the prediction, in volume_unit
+
+    METRICS = ("dice", "hd95", "nsd", "volume")
+
+
+def score_case(
+    case: str,
+    prediction: np.ndarray,
+    truth: np.ndarray,
+    scan: Scan,
+    label_names: dict[int, str],
+    nsd_tolerance: float | None = None,
+) -> CaseScores:
+    """prediction, truth: integer label arrays in ``scan``'s voxel grid, whose spacing and unit
+    the distances and volumes take; the NSD tolerance defaults to :func:`default_nsd_tolerance`."""
+    if prediction.shape != truth.shape:
+        raise ScanError(
+            f"{case}: the prediction {prediction.shape} and the label {truth.shape} differ in shape."
+        )
+    classes = max(label_names) + 1
+    if truth.min() < 0 or truth.max() >= classes:
+        raise ScanError(
+            f"{case}: the ground truth holds label values {int(truth.min())}..{int(truth.max())} but the "
+            f"model knows 0..{classes - 1} ({', '.join(label_names.values())}); check that it labels this task."
+        )
+    predicted, expected = _one_hot(prediction, classes), _one_hot(truth, classes)
+    dice = dice_per_label(prediction, truth, classes)
+    spacing = list(scan.spacing)
+    tolerance = default_nsd_tolerance(scan) if nsd_tolerance is None else nsd_tolerance
+    hd95 = compute_hausdorff_distance(predicted, expected, percentile=95, spacing=spacing)[0]
+    nsd = compute_surface_dice(predicted, expected, [tolerance] * (classes - 1), spacing=spacing)[0]
+    scores = CaseScores(case, scan.unit, tolerance, scan.volume_unit)
+    for index, value in enumerate(range(1, classes)):
+        name = label_names.get(value, str(value))
+        present = (prediction == value).any(), (truth == value).any()
+        scores.dice[name] = float(dice[index])
+        scores.hd95[name] = float(hd95[index]) if all(present) else math.nan
+        # Both empty: nothing to find and nothing found, a perfect boundary score.
+        scores.nsd[name] = 1.0 if not any(present) else float(nsd[index]) if all(present) else 0.0
+        scores.volume[name] = float((prediction == value).sum()) * scan.voxel_volume
+    return scores
+
+
+def mean_scores(cases: list[CaseScores], metric: str) -> dict[str, float]:
+    """Mean of one metric over cases per label, ignoring NaN (undefined HD95)."""
+    names = getattr(cases[0], metric).keys()
+    means = {}
+    for name in names:
+        values = [getattr(case, metric)[name] for case in cases]
+        finite = [v for v in values if not math.isnan(v)]
+        means[name] = float(np.mean(finite)) if finite else math.nan
+    return means

@@ -1,0 +1,269 @@
+"""The MLflow store: where it is, what a training run records, the model registry, and the
+evaluations logged back onto the runs that trained the models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.exceptions import MlflowException
+
+from segment.config import DataConfig, ExperimentConfig, config_to_yaml
+from segment.errors import SegmentError
+from segment.models.sources import MLFLOW_SCHEMES
+
+if TYPE_CHECKING:
+    from segment.data.tasks import TaskSplit
+    from segment.workflows.evaluation import EvaluationReport
+
+MODEL_TYPE = "segment-unet"
+DEFAULT_STORE = "mlflow.db"
+SQLITE = "sqlite:///"
+# Opens the experiment in MLflow's model-training view, not its GenAI view.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# MLflow caps a run name at 250 characters.
+MAX_RUN_NAME = 250
+
+
+class TrackingError(SegmentError):
+    """A run or model could not be found or written in the MLflow store."""
+
+
+@contextmanager
+def store_errors(what: str) -> Iterator[None]:
+    """Turn MLflow's failures while doing ``what`` into one-sentence :class:`TrackingError`s."""
+    try:
+        yield
+    except MlflowException as error:
+        reason = str(error.message).strip().splitlines()[0][:300]
+        raise TrackingError(
+            f"Could not {what} in the MLflow store {mlflow.get_tracking_uri()}: {reason}"
+        ) from None
+
+
+def resolve_tracking_uri(explicit: str | None = None) -> str:
+    """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///./mlflow.db``.
+
+    Always explicit: MLflow's own default silently switches to a file store when a
+    ``./mlruns`` folder exists. A SQLite file named relative to the working folder is pinned
+    to it, so that a process started elsewhere (the viewer) reads the same store."""
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"{SQLITE}{DEFAULT_STORE}"
+    database = uri.removeprefix(SQLITE)
+    if uri.startswith(SQLITE) and database != ":memory:" and not Path(database).is_absolute():
+        return f"{SQLITE}{Path.cwd() / database}"
+    return uri
+
+
+def use_store(tracking_uri: str | None = None) -> str:
+    uri = resolve_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"levels": 5}} -> {"model.levels": 5}; lists become their string form."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def git_commit() -> str:
+    """The commit of the code that ran, with ``-dirty`` when the work tree had changes."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def run_name(config: ExperimentConfig, overrides: list[str] | None = None) -> str:
+    """What tells a run apart in MLflow's runs table: the config's name and what the command
+    changed, e.g. ``hippocampus_3d_10min trainer.max_minutes=1``."""
+    return " ".join([config.name, *(overrides or [])])[:MAX_RUN_NAME]
+
+
+def _experiment_id(client: MlflowClient, task: str) -> str:
+    experiment = client.get_experiment_by_name(task)
+    if experiment is None:
+        return client.create_experiment(task, artifact_location=_artifact_root(task), tags=EXPERIMENT_KIND)
+    if experiment.tags.get("mlflow.experimentKind") is None:
+        for key, value in EXPERIMENT_KIND.items():
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
+
+
+def start_run(config: ExperimentConfig, name: str, resume_run_id: str | None = None) -> mlflow.ActiveRun:
+    """Open a new run named ``name`` in the task's experiment, or reopen ``resume_run_id``."""
+    client = MlflowClient()
+    with store_errors("open a run"):
+        if resume_run_id is not None:
+            try:
+                client.get_run(resume_run_id)
+            except MlflowException:
+                raise TrackingError(
+                    f"There is no MLflow run {resume_run_id} in {mlflow.get_tracking_uri()}; "
+                    f"list runs with `segment runs`."
+                ) from None
+            return mlflow.start_run(run_id=resume_run_id, log_system_metrics=True)
+        experiment_id = _experiment_id(client, config.data.task)
+        return mlflow.start_run(experiment_id=experiment_id, run_name=name, log_system_metrics=True)
+
+
+def _artifact_root(experiment: str) -> str | None:
+    """Keep a SQLite store's artifacts beside its database file, not in whatever folder the
+    command ran from; a server decides for itself (None)."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(SQLITE):
+        return None
+    database = Path(uri.removeprefix(SQLITE)).resolve()
+    return (database.parent / "mlruns" / experiment).as_uri()
+
+
+def log_run_setup(config: ExperimentConfig, split: TaskSplit, device: str) -> None:
+    """Parameters, provenance tags, the task as a dataset input, and the resolved config and
+    split as artifacts."""
+    record = split.as_record()
+    mlflow.log_params({key: str(value) for key, value in flatten(config.model_dump(mode="json")).items()})
+    mlflow.set_tags(
+        {
+            "config_name": config.name,
+            "git_commit": git_commit(),
+            "dataset_fingerprint": record["fingerprint"],
+            "device": device,
+            "spatial_dims": str(config.model.spatial_dims),
+            "skip_dropout": str(max(config.model.skip_dropout_per_level)),
+        }
+    )
+    # The Dataset column of the runs table: the task, its case list's digest, and the split.
+    dataset = MetaDataset(
+        source=_folder_source(split.folder), name=config.data.task, digest=record["fingerprint"]
+    )
+    mlflow.log_input(dataset, context="training", tags={"split": _split_description(config.data)})
+    mlflow.log_text(config_to_yaml(config), "config.yaml")
+    mlflow.log_text(json.dumps(record, indent=2), "split.json")
+
+
+def _folder_source(folder: Path):
+    with warnings.catch_warnings():
+        # MLflow registers two equal local-folder source kinds and warns that it picks one.
+        warnings.simplefilter("ignore", UserWarning)
+        return resolve_dataset_source(str(folder.resolve()))
+
+
+def _split_description(data: DataConfig) -> str:
+    if data.folds is not None:
+        return f"validation fold {data.fold} of {data.folds}, split seed {data.split_seed}"
+    return f"{data.val_fraction:.0%} validation, split seed {data.split_seed}"
+
+
+def log_model_and_register(model_dir: Path, config: ExperimentConfig, metrics: dict[str, float]) -> int:
+    """Log the safetensors model directory as an MLflow model of the active run, register it
+    under the config's name, and point the ``best`` alias at the version with the highest
+    validation Dice. MLflow reserves the alias ``latest``: ``models:/<name>/latest`` already
+    resolves to the newest version. Returns the new version number."""
+    client = MlflowClient()
+    params = {"spatial_dims": str(config.model.spatial_dims), "task": config.data.task}
+    logged = mlflow.initialize_logged_model(name=config.name, model_type=MODEL_TYPE, params=params)
+    client.log_model_artifacts(logged.model_id, str(model_dir))
+    mlflow.finalize_logged_model(logged.model_id, "READY")
+    version = mlflow.register_model(f"models:/{logged.model_id}", config.name)
+    dice = metrics.get("val_mean_dice", float("nan"))
+    client.set_model_version_tag(config.name, version.version, "val_mean_dice", f"{dice:.6f}")
+    client.set_model_version_tag(config.name, version.version, "task", config.data.task)
+    try:
+        best = client.get_model_version_by_alias(config.name, "best")
+        best_dice = float(best.tags.get("val_mean_dice", "nan"))
+    except MlflowException:
+        best_dice = float("-inf")
+    if not dice <= best_dice:  # also true when the old best has no score
+        client.set_registered_model_alias(config.name, "best", version.version)
+    return int(version.version)
+
+
+def metric_histories(run_id: str, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
+    """Each metric's (step, value) points as logged, across every session of a resumed run."""
+    client = MlflowClient()
+    return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)) for key in keys}
+
+
+def source_run_id(model_uri: str) -> str | None:
+    """The run that produced the model behind an MLflow URI, or None if it cannot be told."""
+    if not model_uri.startswith(MLFLOW_SCHEMES):
+        return None
+    if model_uri.startswith("runs:/"):
+        return model_uri.removeprefix("runs:/").split("/")[0]
+    if not model_uri.startswith("models:/"):
+        return None
+    client = MlflowClient()
+    reference = model_uri.removeprefix("models:/").rstrip("/")
+    try:
+        if "@" in reference:
+            name, alias = reference.split("@", 1)
+            return client.get_model_version_by_alias(name, alias).run_id
+        if "/" in reference:
+            name, version = reference.split("/", 1)
+            if version.lower() == "latest":
+                version = str(max(int(v.version) for v in client.search_model_versions(f"name='{name}'")))
+            return client.get_model_version(name, version).run_id
+        return mlflow.get_logged_model(reference).source_run_id
+    except (MlflowException, ValueError):
+        return None
+
+
+def metric_key(text: str) -> str:
+    """MLflow metric names allow letters, digits and _ - . / and spaces only."""
+    return "".join(c if c.isalnum() or c in "_-./" else "_" for c in text)
+
+
+def log_evaluation(run_id: str, report: EvaluationReport, split: str) -> None:
+    """Record an evaluation on the run that trained the model: metrics, the JSON report, a
+    Markdown table and, for a skip ablation, a bar chart."""
+    from segment import plots
+
+    prefix = f"eval_{split}"
+    metrics = {f"{prefix}_mean_dice": report.mean_dice}
+    for metric in ("dice", "hd95", "nsd"):
+        for label, value in getattr(report, metric).items():
+            metrics[metric_key(f"{prefix}_{metric}_{label}")] = value
+    for row in report.ablation:
+        mask = row.mask_text
+        metrics[f"{prefix}_skip_mask_{mask}_mean_dice"] = row.mean_dice
+        for label, value in row.nsd.items():
+            metrics[metric_key(f"{prefix}_skip_mask_{mask}_nsd_{label}")] = value
+    client = MlflowClient()
+    with store_errors(f"log the evaluation to run {run_id}"):
+        for key, value in metrics.items():
+            if value == value:  # MLflow rejects NaN in some stores
+                client.log_metric(run_id, key, value)
+        client.log_text(run_id, report.to_json(), f"evaluation/{split}.json")
+        client.log_text(run_id, report.to_markdown(), f"evaluation/{split}.md")
+        if report.ablation:
+            with plots.released(plots.ablation_bars(report.ablation)) as figure:
+                client.log_figure(run_id, figure, f"evaluation/{split}_ablation.png")
