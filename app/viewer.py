@@ -45,8 +45,8 @@ from segment.errors import SegmentError
 from segment.io import check_label_matches
 from segment.models.sources import bundled_models
 from segment.tracking.runs import RegisteredModel, registered_models
-from segment.tracking.store import resolve_tracking_uri, use_store
-from segment.workflows import LoadedModel, load
+from segment.tracking.store import TrackingError, resolve_tracking_uri, use_store
+from segment.workflows import LoadedModel, explore, load
 
 REGISTRY_TTL_S = 30  # how often the registered models are read again
 
@@ -60,10 +60,8 @@ def registered_in(store: str) -> tuple[list[RegisteredModel], str | None]:
     try:
         use_store(store)
         return registered_models(), None
-    # An unreachable or broken store must not take the viewer down: besides TrackingError, a
-    # store that is not a database fails inside MLflow's client before the library sees it.
-    except Exception as error:
-        return [], f"MLflow models unavailable: {error.__class__.__name__}"
+    except TrackingError as error:  # an unreachable or broken store must not take the viewer down
+        return [], f"MLflow models unavailable. {error}"
 
 
 @st.cache_resource(show_spinner=False)
@@ -146,7 +144,7 @@ def cached_upload(file, what: str) -> Upload:
     return session_slot(what).get(digest(data), lambda: read_upload(file.name, data, what))
 
 
-def upload_section(model: LoadedModel) -> tuple[Upload, np.ndarray | None, Upload | None]:
+def upload_section() -> tuple[Upload, np.ndarray | None, Upload | None]:
     """The scan and the optional ground truth; stops the page until a usable scan is uploaded."""
     scan_file = st.file_uploader("Scan (.nii or .nii.gz)", type=["nii", "gz"], key="scan")
     truth_file = st.file_uploader("Ground-truth labels (optional)", type=["nii", "gz"], key="truth")
@@ -176,7 +174,7 @@ def case_section(model: LoadedModel, scan: Upload) -> Case:
 
     def build() -> Case:
         with st.spinner("Segmenting..."):
-            explorer = SkipExplorer(model.network, model.config, scan.scan, model.runtime)
+            explorer = explore(model, scan.scan)
             explorer.mask()
             return Case(
                 explorer,
@@ -247,7 +245,7 @@ def peer_section(
 
         def build() -> SkipExplorer:
             with st.spinner(f"Segmenting with {peer.name}..."):
-                return SkipExplorer(peer_model.network, peer_model.config, scan.scan, peer_model.runtime)
+                return explore(peer_model, scan.scan)
 
         # Like the main explorer, only the current scan's is kept: each caches its features.
         mask = session_slot("peer").get((scan.digest, peer.uri), build).mask()
@@ -362,7 +360,7 @@ def main() -> None:
     store = resolve_tracking_uri()
     registered = registry_section(store)
     model = model_section(store, registered)
-    scan, truth, labels = upload_section(model)
+    scan, truth, labels = upload_section()
     case = case_section(model, scan)
     skip_mask, built = skip_section(model, scan)
     style = display_section(model, case)

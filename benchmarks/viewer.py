@@ -42,7 +42,8 @@ def measure(repeats: int, data_root: str | None) -> dict:
             switched = time.perf_counter()
             if app.exception or app.error:
                 raise SystemExit(f"The viewer failed on {image.name}.")
-            app = app.toggle(key="skip_level_1").set_value(True).run()  # every upload starts with all skips on
+            # Every upload starts with all skips on.
+            app = app.toggle(key="skip_level_1").set_value(True).run()
             if index:
                 uploads.append(uploaded - start)
                 switches.append(switched - uploaded)

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -18,20 +17,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import ROOT, free_port
 from setuptools import find_packages
 
-ROOT = Path(__file__).resolve().parents[1]
 CASE = "hippocampus_001"
 # What a non-editable build reads from the checkout (pyproject's readme is README.md).
 SOURCES = ("pyproject.toml", "README.md", "segment", "app")
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def clean_env(**extra: str) -> dict[str, str]:

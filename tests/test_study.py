@@ -77,7 +77,7 @@ def test_report_sets_switched_off_against_trained_without(study):
     result = segment("report", "--output", "study.md")
     text = (folder / "study.md").read_text()
     assert result.stdout.startswith("# Skip connection study")
-    assert "| Task04_Hippocampus | hippocampus_3d | 3D | plain | 0.1 | all |" in text
+    assert "| Task04_Hippocampus | hippocampus_3d | 3D | plain | 0.1 | 11 |" in text
     assert "| Task04_Hippocampus | hippocampus_3d_noskip | 3D | plain | 0 | 00 |" in text
     all_off = next(line for line in text.splitlines() if line.startswith("| 00 all off"))
     assert "(hippocampus_3d_noskip)" in all_off

@@ -395,7 +395,9 @@ def test_an_unusable_mlflow_store_leaves_the_bundled_models(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     app = AppTest.from_file(VIEWER, default_timeout=180).run()
     assert not app.exception
-    assert [caption.value for caption in app.sidebar.caption] == ["MLflow models unavailable: DatabaseError"]
+    (caption,) = [caption.value for caption in app.sidebar.caption]
+    assert caption.startswith("MLflow models unavailable. Could not list the registered models in the MLflow store")
+    assert "broken.db" in caption and "DatabaseError" in caption
     assert app.selectbox(key="model").options == ["hippocampus_3d (bundled)", "isbi2012_2d (bundled)"]
     assert "Upload a NIfTI scan to begin." in [info.value for info in app.info]
 

@@ -112,8 +112,8 @@ class RunRecord:
 def find_runs(experiment: str | None = None) -> list[RunRecord]:
     """Runs of one experiment (task), or of all, newest first: one search that the runs table,
     the cross-validations and the study all read."""
-    client = MlflowClient()
     with store_errors("search the runs"):
+        client = MlflowClient()
         experiments = client.search_experiments()
         if experiment is not None:
             chosen = [e for e in experiments if e.name == experiment]
@@ -244,9 +244,9 @@ class RegisteredModel:
 
 def registered_models() -> list[RegisteredModel]:
     """Every registered model's ``best`` version, else its newest, by name."""
-    client = MlflowClient()
     models = []
     with store_errors("list the registered models"):
+        client = MlflowClient()
         for registered in client.search_registered_models():
             versions = client.search_model_versions(f"name='{registered.name}'")
             if not versions:

@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.exceptions import MlflowException
+from sqlalchemy.exc import SQLAlchemyError
 
 from segment.config import DataConfig, ExperimentConfig, config_to_yaml
 from segment.errors import SegmentError
@@ -41,14 +42,15 @@ class TrackingError(SegmentError):
 
 @contextmanager
 def store_errors(what: str) -> Iterator[None]:
-    """Turn MLflow's failures while doing ``what`` into one-sentence :class:`TrackingError`s."""
+    """Turn the store's failures while doing ``what`` into one-sentence :class:`TrackingError`s:
+    MLflow's own, and those of the database or server under it (a file that is no database, a
+    server that does not answer)."""
     try:
         yield
-    except MlflowException as error:
-        reason = str(error.message).strip().splitlines()[0][:300]
-        raise TrackingError(
-            f"Could not {what} in the MLflow store {mlflow.get_tracking_uri()}: {reason}"
-        ) from None
+    except (MlflowException, SQLAlchemyError, OSError) as error:
+        message = error.message if isinstance(error, MlflowException) else f"{type(error).__name__}: {error}"
+        reason = " ".join(str(message).split())[:300]
+        raise TrackingError(f"Could not {what} in the MLflow store {mlflow.get_tracking_uri()}: {reason}") from None
 
 
 def resolve_tracking_uri(explicit: str | None = None) -> str:

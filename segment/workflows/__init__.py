@@ -9,7 +9,7 @@ user can fix the problem.
 
 from segment.workflows.evaluation import AblationRow, EvaluationReport, ablate, evaluate
 from segment.workflows.inspection import ModelDescription, RunsOverview, describe, runs, study
-from segment.workflows.models import LoadedModel, load
+from segment.workflows.models import LoadedModel, explore, load
 from segment.workflows.packaging import ensemble, export
 from segment.workflows.prediction import PredictedMask, PredictionResult, predict
 from segment.workflows.training import TrainingResult, resume, train
@@ -28,6 +28,7 @@ __all__ = [
     "describe",
     "ensemble",
     "evaluate",
+    "explore",
     "export",
     "load",
     "predict",
