@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, free_port
+
+pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium")
 CHROMIUM_ARGS = [
@@ -35,12 +36,6 @@ def chromium_path() -> str:
             pytest.fail(message)
         pytest.skip(message)
     return CHROMIUM
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture

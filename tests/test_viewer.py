@@ -128,6 +128,7 @@ def registered(name: str, long_skips, task="Task04_Hippocampus", dims=3, dice=0.
     return RegisteredModel(name, f"models:/{name}@best", 2, task, dice, dims, long_skips)
 
 
+@pytest.mark.slow
 def test_the_page_module_runs_nothing_on_import_and_the_state_needs_no_streamlit():
     """Only imports, constants, definitions and the `__main__` guard at module level (Streamlit
     and AppTest run the script as __main__); page_state and rendering never import Streamlit."""
@@ -389,6 +390,7 @@ def test_the_metrics_table_from_a_real_explorer(hippocampus_explorer, hippocampu
 # --- the page, driven headless ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_unusable_mlflow_store_leaves_the_bundled_models(tmp_path, monkeypatch):
     (tmp_path / "broken.db").write_text("not a database")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'broken.db'}")
@@ -402,6 +404,7 @@ def test_an_unusable_mlflow_store_leaves_the_bundled_models(tmp_path, monkeypatc
     assert "Upload a NIfTI scan to begin." in [info.value for info in app.info]
 
 
+@pytest.mark.slow
 def test_upload_shows_the_mask_and_switching_a_skip_changes_picture_and_numbers(viewer, case_bytes, media):
     scan, truth = case_bytes
     assert "Upload a NIfTI scan to begin." in [info.value for info in viewer.info]
@@ -443,6 +446,7 @@ def test_upload_shows_the_mask_and_switching_a_skip_changes_picture_and_numbers(
     )
 
 
+@pytest.mark.slow
 def test_the_mask_download_is_a_nifti_with_the_scans_geometry(viewer, case_bytes, media):
     scan, _ = case_bytes
     app = upload(viewer, "scan", "case.nii.gz", scan)
@@ -456,6 +460,7 @@ def test_the_mask_download_is_a_nifti_with_the_scans_geometry(viewer, case_bytes
     assert list(table["label"]) == ["Anterior", "Posterior"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "data", "expected"),
     [
@@ -492,6 +497,7 @@ def test_unusable_uploads_give_an_error_and_the_app_keeps_working(viewer, case_b
     assert list(metrics(app)["label"]) == ["Anterior", "Posterior"]
 
 
+@pytest.mark.slow
 def test_a_ground_truth_of_another_scan_is_refused(viewer, case_bytes, hippocampus_root):
     other = sorted((hippocampus_root / "Task04_Hippocampus" / "labelsTr").glob("*.nii.gz"))[5].read_bytes()
     app = upload(viewer, "scan", "case.nii.gz", case_bytes[0])
@@ -504,6 +510,7 @@ def test_a_ground_truth_of_another_scan_is_refused(viewer, case_bytes, hippocamp
     assert "dice vs truth (now)" not in metrics(app).columns
 
 
+@pytest.mark.slow
 def test_a_ground_truth_with_labels_the_model_does_not_know_is_refused(viewer, case_bytes):
     truth = nib.Nifti1Image.from_bytes(gzip.decompress(case_bytes[1]))
     binary = (np.asarray(truth.dataobj) > 0).astype(np.uint8) * 255  # a 0/255 mask, as image tools save
@@ -515,6 +522,7 @@ def test_a_ground_truth_with_labels_the_model_does_not_know_is_refused(viewer, c
     assert "dice vs truth (now)" not in metrics(app).columns
 
 
+@pytest.mark.slow
 def test_an_upload_named_like_a_path_is_segmented_and_its_name_never_used_as_one(
     viewer, case_bytes, tmp_path
 ):
@@ -556,6 +564,7 @@ def store_with_a_model_trained_without_level_2(tmp_path, hippocampus_root) -> st
     return uri
 
 
+@pytest.mark.slow
 def test_a_switched_off_skip_can_be_set_beside_a_model_trained_without_it(
     tmp_path, monkeypatch, case_bytes, store_with_a_model_trained_without_level_2
 ):
@@ -587,6 +596,7 @@ def test_a_switched_off_skip_can_be_set_beside_a_model_trained_without_it(
     assert "dice vs truth (trained without)" in table.columns
 
 
+@pytest.mark.slow
 def test_an_em_slice_is_measured_in_its_own_micrometres(viewer, isbi_source, tmp_path):
     """The bundled EM model on a real ISBI slice converted as the task is: sizes, volumes and the
     NSD tolerance are in micrometres, where 1 mm would cover the whole slice."""
