@@ -49,7 +49,9 @@ app: $(INSTALLED)
 	$(BIN)/segment app --port $(APP_PORT) --tracking-uri $(TRACKING_URI)
 
 # One worker and no job runner: the defaults start several processes and about 3 GB.
+# MLflow's UI opens in its GenAI view until told otherwise; this link opens the model-training one.
 mlflow-ui: $(INSTALLED)
+	@echo "Runs: http://127.0.0.1:$(MLFLOW_PORT)/#/experiments?workflowType=machine_learning"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) \
 		--host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
@@ -67,7 +69,7 @@ study: $(INSTALLED)
 	set -e; for skips in $(LEVEL_OFF_SKIPS); do \
 		$(BIN)/segment train --config configs/hippocampus_3d.yaml --data-root $(DATA_ROOT) --tracking-uri $(TRACKING_URI) \
 			--quiet --set trainer.max_epochs=$(STUDY_EPOCHS) name=hippocampus_3d_skips$$skips model.skip_dropout=0 \
-			"model.skips=[$$(echo $$skips | sed 's/./&,/g; s/,$$//')]"; \
+			"model.long_skips=[$$(echo $$skips | sed 's/./&,/g; s/,$$//')]"; \
 	done
 	test -d data/Task90_ISBI2012 || $(BIN)/python data_scripts/isbi2012_to_nifti.py \
 		--source $(DATA_ROOT)/ISBI2012_EM_membrane --output data/Task90_ISBI2012

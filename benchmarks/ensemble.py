@@ -15,8 +15,8 @@ from common import print_table
 
 from segment.data.tasks import resolve_data_root, split_task
 from segment.engine.device import make_runtime
-from segment.engine.metrics import mean_scores, score_case
 from segment.engine.inference import predict_logits
+from segment.engine.metrics import mean_scores, score_case
 from segment.engine.preparation import prepare
 from segment.io import read_scan
 from segment.models import as_segmenter, load_members, split_mismatch

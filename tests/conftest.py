@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -82,9 +83,14 @@ def tiny_hippocampus_config() -> ExperimentConfig:
     return load_config(ROOT / "configs" / "hippocampus_3d.yaml", tiny_hippocampus_overrides())
 
 
-def segment_command(*args: str) -> list[str]:
-    """The ``segment`` command run with this interpreter, as a subprocess sees it."""
-    return [sys.executable, "-m", "segment.cli", *args]
+def segment_command(*args: str, console_script: bool = False) -> list[str]:
+    """The ``segment`` command run with this interpreter, as a subprocess sees it; with
+    ``console_script``, the installed ``segment`` script itself, as a user types it."""
+    if not console_script:
+        return [sys.executable, "-m", "segment.cli", *args]
+    executable = shutil.which("segment", path=str(Path(sys.executable).parent))
+    assert executable, "the segment console script is not installed next to this Python"
+    return [executable, *args]
 
 
 def set_args(overrides: list[str]) -> list[str]:
@@ -107,12 +113,11 @@ def start_tiny_training(folder: Path, env: dict, runs: Path, epochs: int, **outp
 
 
 def run_segment(
-    *args: str, cwd: Path = ROOT, env: dict | None = None, timeout: float = 300
+    *args: str, cwd: Path = ROOT, env: dict | None = None, timeout: float = 300, console_script: bool = False
 ) -> subprocess.CompletedProcess:
     """``segment ARGS`` run to completion in ``cwd``, its output captured as text."""
-    return subprocess.run(
-        segment_command(*args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    command = segment_command(*args, console_script=console_script)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def one_sentence_error(result: subprocess.CompletedProcess) -> str:
