@@ -1,6 +1,7 @@
 """What the viewer page shows, computed without Streamlit: the model choices, the skip switches
-and their labels, uploads read under names we choose, the mask summary, the metrics table and
-its downloads. Levels are counted from 1 in everything a user sees, widget keys included.
+and their labels, uploads read under names we choose, the display choices, the mask summary
+and what one session keeps for its scan. Levels are counted from 1 in everything a user sees,
+widget keys included. The numbers shown for a mask are :mod:`segment.app.metrics_table`'s.
 
 The page (:mod:`segment.app.viewer`) reads widgets and calls these; each is a plain function or
 a small class that the unit tests call directly.
@@ -9,7 +10,6 @@ a small class that the unit tests call directly.
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -18,18 +18,15 @@ from pathlib import Path
 from typing import Generic, Literal, TypeVar
 
 import numpy as np
-import pandas as pd
-from segment.app.rendering import AUTO_PRESET, CT_PRESETS, PLANES, label_colour, plane_axis
+from segment.app.rendering import AUTO_PRESET, CT_PRESETS, PLANES, DisplayVolume, label_colour, plane_axis
 
 from segment.config import ExperimentConfig
-from segment.engine.metrics import CaseScores
-from segment.engine.skip_explorer import MaskChange
-from segment.io import Scan, ScanError, read_scan, write_mask
+from segment.engine.skip_explorer import MaskChange, SkipExplorer
+from segment.io import Scan, ScanError, read_scan
 from segment.tracking.runs import RegisteredModel, trained_without
 
 NIFTI_NAMES = (".nii", ".nii.gz")
 SKIP_KEY = "skip_level_{level}"  # one switch per long skip, level counted from 1
-METRICS = ("dice", "hd95", "nsd")
 T = TypeVar("T")
 
 
@@ -250,90 +247,29 @@ LOST_LEGEND = (
 )
 
 
-# --- numbers ------------------------------------------------------------------------------------
+# --- one session's case -----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class PeerMask:
-    """The mask of a model trained without the switched-off skips, beside the switched one."""
+class Case:
+    """What one session keeps for its scan and model: the explorer (encoder output and every
+    mask cached), and the display orientation and auto window, which depend on the scan only."""
 
-    title: str
+    explorer: SkipExplorer
+    display: DisplayVolume
+    auto_window: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The masks of the current skip mask and what they are compared with."""
+
+    skip_mask: tuple[bool, ...]
+    built: tuple[bool, ...]
     mask: np.ndarray
-    change: MaskChange  # of this mask against the switched-off one
+    reference: np.ndarray
+    change: MaskChange
 
-
-def volume_column(scan: Scan) -> str:
-    return f"volume ({scan.volume_unit})"
-
-
-def change_column(scan: Scan) -> str:
-    return f"change vs all skips on ({scan.volume_unit})"
-
-
-def _volumes(mask: np.ndarray, scan: Scan, labels: Iterable[int]) -> list[float]:
-    return [round(float((mask == value).sum()) * scan.voxel_volume, 4) for value in labels]
-
-
-def metrics_table(
-    label_names: Mapping[int, str],
-    scan: Scan,
-    mask: np.ndarray,
-    change: MaskChange,
-    peer: PeerMask | None = None,
-    scores: Mapping[str, CaseScores] | None = None,
-) -> pd.DataFrame:
-    """One row per label (background left out): volume, change and Dice against all skips on,
-    the trained-without model's volume and agreement, and ``<metric> vs truth (<when>)`` for
-    each scored mask in ``scores`` ("now", "all on", "trained without")."""
-    labels = [(value, name) for value, name in sorted(label_names.items()) if value > 0]
-    names = [name for _, name in labels]
-    table = pd.DataFrame(
-        {
-            "label": names,
-            volume_column(scan): _volumes(mask, scan, (value for value, _ in labels)),
-            change_column(scan): [round(change.volume_change[name], 4) for name in names],
-            "Dice vs all skips on": [round(change.dice_to_reference[name], 4) for name in names],
-        }
-    )
-    if peer is not None:
-        table[f"volume, trained without ({scan.volume_unit})"] = _volumes(
-            peer.mask, scan, (value for value, _ in labels)
-        )
-        table["Dice, switched off vs trained without"] = [
-            round(peer.change.dice_to_reference[name], 4) for name in names
-        ]
-    # Metric by metric, so that each one's settings stand side by side.
-    for metric in METRICS:
-        for when, scored in (scores or {}).items():
-            table[f"{metric} vs truth ({when})"] = [round(getattr(scored, metric)[name], 4) for name in names]
-    return table
-
-
-def against_all_on(table: pd.DataFrame, scan: Scan) -> str:
-    """``**Against all skips on**: Anterior Dice 1.000, +0.000 mL, ...``"""
-    change = change_column(scan)
-    return "**Against all skips on**: " + ", ".join(
-        f"{row['label']} Dice {row['Dice vs all skips on']:.3f}, {row[change]:+.3f} {scan.volume_unit}"
-        for _, row in table.iterrows()
-    )
-
-
-def distance_caption(scores: Mapping[str, CaseScores], scan: Scan) -> str | None:
-    """The unit of HD95 and NSD's tolerance, once masks were scored against a ground truth."""
-    if "now" not in scores:
-        return None
-    return f"HD95 in {scan.unit}; NSD with a tolerance of {scores['now'].nsd_tolerance:g} {scan.unit}."
-
-
-def mask_nifti(mask: np.ndarray, scan: Scan, label_names: Mapping[int, str]) -> bytes:
-    """The mask as .nii.gz bytes with the scan's geometry."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "mask.nii.gz"
-        write_mask(mask, scan, path, dict(label_names))
-        return path.read_bytes()
-
-
-def table_csv(table: pd.DataFrame) -> str:
-    text = io.StringIO()
-    table.to_csv(text, index=False)
-    return text.getvalue()
+    @property
+    def switched(self) -> bool:
+        return self.skip_mask != self.built

@@ -8,29 +8,31 @@ out what those return: :func:`main` calls one function per section of the page.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pandas as pd
 import streamlit as st
-from segment.app.page_state import (
-    LOST_LEGEND,
+from segment.app.metrics_table import (
     PeerMask,
-    Slot,
-    Upload,
     against_all_on,
-    default_preset,
-    digest,
     distance_caption,
     mask_nifti,
-    mask_summary,
     metrics_table,
+    table_csv,
+)
+from segment.app.page_state import (
+    LOST_LEGEND,
+    Case,
+    Outcome,
+    Slot,
+    Upload,
+    default_preset,
+    digest,
+    mask_summary,
     model_choices,
     peer_for,
     preset_window,
     read_upload,
     skip_switches,
-    table_csv,
     train_without_hint,
     training_notice,
     upload_names,
@@ -40,7 +42,7 @@ from segment.app.page_state import (
 from segment.app.rendering import DisplayVolume, Style, auto_window, plane_axis, plane_picture
 
 from segment.engine.metrics import CaseScores
-from segment.engine.skip_explorer import MaskChange, SkipExplorer
+from segment.engine.skip_explorer import SkipExplorer
 from segment.errors import SegmentError
 from segment.io import check_label_matches
 from segment.models.sources import bundled_models
@@ -76,31 +78,6 @@ def session_slot(name: str) -> Slot:
 
 
 # --- one case: a scan under a model -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Case:
-    """What one session keeps for its scan and model: the explorer (encoder output and every
-    mask cached), and the display orientation and auto window, which depend on the scan only."""
-
-    explorer: SkipExplorer
-    display: DisplayVolume
-    auto_window: tuple[float, float]
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """The masks of the current skip mask and what they are compared with."""
-
-    skip_mask: tuple[bool, ...]
-    built: tuple[bool, ...]
-    mask: np.ndarray
-    reference: np.ndarray
-    change: MaskChange
-
-    @property
-    def switched(self) -> bool:
-        return self.skip_mask != self.built
 
 
 # --- sections -----------------------------------------------------------------------------------
@@ -290,14 +267,8 @@ def pictures_section(
         picture_row(case, position, style, "{plane}: trained without", labels=peer.mask)
     if outcome.switched:
         st.markdown(LOST_LEGEND, unsafe_allow_html=True)
-        picture_row(
-            case,
-            position,
-            style,
-            "{plane}: lost / gained",
-            lost=outcome.change.lost,
-            gained=outcome.change.gained,
-        )
+        change = outcome.change
+        picture_row(case, position, style, "{plane}: lost / gained", lost=change.lost, gained=change.gained)
 
 
 def scores_against(
