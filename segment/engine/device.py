@@ -1,5 +1,5 @@
-"""Where tensors run and in what precision: CUDA with fp16 AMP when present, else the CPU
-with bf16 autocast where it has native bf16 support."""
+"""Where tensors run and in what precision: CUDA when present, with bf16 autocast (fp16 and a
+grad scaler on GPUs without bf16), else the CPU, with bf16 autocast where it has native bf16."""
 
 from __future__ import annotations
 
