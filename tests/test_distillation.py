@@ -35,12 +35,13 @@ def test_the_distillation_loss_is_zero_on_agreement_and_pulls_the_student_to_the
 @pytest.mark.slow
 def test_a_run_starts_from_given_weights_and_learns_from_a_teacher(tmp_path, hippocampus_root):
     first = train(load_config(CONFIG, tiny_hippocampus_overrides()), **in_test_folder(tmp_path, hippocampus_root))
-    # Two runs from the first run's weights, alike but for the teacher (the bundled ensemble,
-    # which predicts differently from a one-epoch network), same seed, same batches.
+    # Two runs from the first run's weights, alike but for the teacher (a bundled network,
+    # which predicts differently from a one-epoch one), same seed, same batches.
+    teacher_dir = resolve_model("hippocampus_3d") / "member_3"
     common = [*tiny_hippocampus_overrides(epochs=2), f"trainer.init_from={first.model_dir}"]
     alone = train(load_config(CONFIG, common), **in_test_folder(tmp_path, hippocampus_root))
     taught = train(
-        load_config(CONFIG, [*common, "trainer.teacher=hippocampus_3d", "trainer.distill_weight=10.0"]),
+        load_config(CONFIG, [*common, f"trainer.teacher={teacher_dir}", "trainer.distill_weight=10.0"]),
         **in_test_folder(tmp_path, hippocampus_root),
     )
     client = store_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -50,11 +51,11 @@ def test_a_run_starts_from_given_weights_and_learns_from_a_teacher(tmp_path, hip
     }
     assert losses[taught.run_id][0] > losses[alone.run_id][0], "the teacher's term adds to the loss"
     run = client.get_run(taught.run_id)
-    assert run.data.params["trainer.teacher"] == "hippocampus_3d"
+    assert run.data.params["trainer.teacher"] == str(teacher_dir)
     assert run.data.params["trainer.init_from"] == str(first.model_dir)
 
     # The teacher pulls the weights its way: the taught student agrees with it better.
-    teacher, config = load_model(resolve_model("hippocampus_3d"))
+    teacher, config = load_model(teacher_dir)
     runtime = make_runtime("cpu")
     case = hippocampus_root / "Task04_Hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
     volume = prepare(read_scan(case), config).volume

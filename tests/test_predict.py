@@ -14,7 +14,9 @@ import SimpleITK as sitk
 import torch
 from conftest import load_script, run_segment
 from torch.profiler import profile
+from typer.testing import CliRunner
 
+from segment.cli import app
 from segment.engine.device import make_runtime
 from segment.engine.inference import predict_logits, segment_scan
 from segment.engine.metrics import score_case
@@ -261,7 +263,16 @@ def test_nsd_counts_boundary_voxels_within_the_tolerance_in_the_scans_unit(hippo
 
 
 @pytest.mark.slow
-def test_segment_ensemble_joins_models_into_one_that_predicts(tmp_path, case_paths):
+def refused_in_process(*args: str) -> str:
+    """``segment ARGS`` run in this process (a subprocess costs seconds of imports): the one
+    sentence it refused with."""
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    (line,) = result.stderr.strip().splitlines()
+    return line
+
+
+def test_segment_ensemble_joins_models_into_one_that_predicts(tmp_path, monkeypatch, case_paths):
     bundle = resolve_model("hippocampus_3d")
     members = [str(bundle / "member_1"), str(bundle / "member_3")]
     built = run_segment("ensemble", *members, "--output", "pair", cwd=tmp_path)
@@ -286,14 +297,13 @@ def test_segment_ensemble_joins_models_into_one_that_predicts(tmp_path, case_pat
         (("hippocampus_3d", members[0], "--output", "nested"), "hippocampus_3d is an ensemble already"),
         ((members[0], "isbi2012_2d", "--output", "mixed"), "member 2 differs from member 1 in data.task"),
     ]:
-        refused = run_segment("ensemble", *args, cwd=tmp_path)
-        assert refused.returncode != 0 and expected in refused.stderr
-        assert "Traceback" not in refused.stderr
+        monkeypatch.chdir(tmp_path)
+        assert expected in refused_in_process("ensemble", *args)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.labels.json", "mask.nii.gz", "pair"]
 
 
 @pytest.mark.slow
-def test_segment_export_writes_a_standalone_copy_that_predicts_the_same_mask(tmp_path, case_paths):
+def test_segment_export_writes_a_standalone_copy_that_predicts_the_same_mask(tmp_path, monkeypatch, case_paths):
     member = str(resolve_model("hippocampus_3d") / "member_3")
     exported = run_segment("export", member, "--float16", "--output", "copy", cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
@@ -311,9 +321,8 @@ def test_segment_export_writes_a_standalone_copy_that_predicts_the_same_mask(tmp
         ((member, "--output", "copy"), "copy already exists"),
         ((str(tmp_path), "--output", "broken"), "is not a model directory"),
     ]:
-        refused = run_segment("export", *args, cwd=tmp_path)
-        assert refused.returncode != 0 and expected in refused.stderr
-        assert "Traceback" not in refused.stderr
+        monkeypatch.chdir(tmp_path)
+        assert expected in refused_in_process("export", *args)
     assert not (tmp_path / "broken").exists()
 
 
