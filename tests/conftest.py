@@ -145,3 +145,11 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def resume_training(run_id: str, runs: Path, max_epochs: int, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    """``segment train --resume RUN_ID`` from the checkpoints in ``runs``, up to ``max_epochs``."""
+    return run_segment(
+        "train", "--resume", run_id, "--output-dir", str(runs), "--quiet",
+        "--set", f"trainer.max_epochs={max_epochs}", cwd=cwd, env=env,
+    )

@@ -14,6 +14,7 @@ import pytest
 from conftest import (
     ROOT,
     one_sentence_error,
+    resume_training,
     set_args,
     start_tiny_training,
     store_client,
@@ -69,18 +70,7 @@ def test_a_run_killed_mid_epoch_resumes_from_its_last_checkpoint_in_the_same_run
     client = store_client(env["MLFLOW_TRACKING_URI"])
     assert client.get_run(run_id).info.status == "RUNNING"  # SIGKILL leaves no chance to close it
 
-    resumed = segment(
-        "train",
-        "--resume",
-        run_id,
-        "--output-dir",
-        str(runs),
-        "--quiet",
-        "--set",
-        f"trainer.max_epochs={epochs_done + 2}",
-        cwd=tmp_path,
-        env=env,
-    )
+    resumed = resume_training(run_id, runs, epochs_done + 2, tmp_path, env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"Finished run {run_id}" in resumed.stdout
     assert client.get_run(run_id).info.status == "FINISHED"
@@ -123,10 +113,7 @@ def test_a_corrupt_checkpoint_is_refused_in_one_sentence(tmp_path, env, killed_r
 @pytest.mark.slow
 def test_a_missing_mlflow_artifact_is_reported_in_one_sentence(tmp_path, env, killed_run, hippocampus_root):
     runs, run_id, epochs_done = killed_run
-    finished = segment(
-        "train", "--resume", run_id, "--output-dir", str(runs), "--quiet",
-        "--set", f"trainer.max_epochs={epochs_done + 1}", cwd=tmp_path, env=env,
-    )
+    finished = resume_training(run_id, runs, epochs_done + 1, tmp_path, env)
     assert finished.returncode == 0, finished.stderr[-2000:]
     scan = str(hippocampus_root / "Task04_Hippocampus" / "imagesTr" / "hippocampus_001.nii.gz")
     mask = tmp_path / "mask.nii.gz"

@@ -18,6 +18,7 @@ from conftest import (
     ROOT,
     in_test_folder,
     one_sentence_error,
+    resume_training,
     run_segment,
     set_args,
     start_tiny_training,
@@ -200,18 +201,7 @@ def test_an_interrupted_run_resumes_in_the_same_mlflow_run(tmp_path, hippocampus
     done = len(metric_steps(client, run_id, "train_loss"))
     assert done >= 1
 
-    resumed = run_segment(
-        "train",
-        "--resume",
-        run_id,
-        "--output-dir",
-        str(runs),
-        "--quiet",
-        "--set",
-        f"trainer.max_epochs={done + 1}",
-        cwd=tmp_path,
-        env=env,
-    )
+    resumed = resume_training(run_id, runs, done + 1, tmp_path, env)
     assert resumed.returncode == 0, resumed.stderr
     assert f"Finished run {run_id}" in resumed.stdout
     assert [path.name for path in runs.iterdir()] == [run_id]

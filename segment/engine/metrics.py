@@ -26,15 +26,18 @@ def _one_hot(labels: np.ndarray | torch.Tensor, classes: int) -> torch.Tensor:
     return one_hot(torch.as_tensor(np.asarray(labels).astype(np.int64))[None, None], classes)
 
 
+def _dice(predicted: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """One-hot (1, classes, ...) pair -> Dice of each foreground label; a label absent from
+    both counts as a perfect 1.0, as in the Decathlon's scoring."""
+    return compute_dice(predicted, expected, include_background=False, ignore_empty=False)[0]
+
+
 def dice_per_label(
     prediction: np.ndarray | torch.Tensor, truth: np.ndarray | torch.Tensor, classes: int
 ) -> torch.Tensor:
     """Dice of each foreground label 1..classes-1 (a tensor of classes-1 values) between two
-    integer label arrays of one shape. A label absent from both counts as a perfect 1.0, as
-    in the Decathlon's scoring."""
-    return compute_dice(
-        _one_hot(prediction, classes), _one_hot(truth, classes), include_background=False, ignore_empty=False
-    )[0]
+    integer label arrays of one shape."""
+    return _dice(_one_hot(prediction, classes), _one_hot(truth, classes))
 
 
 def default_nsd_tolerance(scan: Scan) -> float:
@@ -80,7 +83,7 @@ def score_case(
             f"model knows 0..{classes - 1} ({', '.join(label_names.values())}); check that it labels this task."
         )
     predicted, expected = _one_hot(prediction, classes), _one_hot(truth, classes)
-    dice = dice_per_label(prediction, truth, classes)
+    dice = _dice(predicted, expected)
     spacing = list(scan.spacing)
     tolerance = default_nsd_tolerance(scan) if nsd_tolerance is None else nsd_tolerance
     hd95 = compute_hausdorff_distance(predicted, expected, percentile=95, spacing=spacing)[0]

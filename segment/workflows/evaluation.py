@@ -18,6 +18,7 @@ from segment.engine.metrics import CaseScores, mean_scores
 from segment.engine.scoring import ablation_masks, score_cases
 from segment.errors import InputError
 from segment.models import split_mismatch
+from segment.models.sources import MLFLOW_SCHEMES
 from segment.tracking.store import TrackingError, log_evaluation, source_run_id, use_store
 from segment.workflows.models import load
 
@@ -102,7 +103,8 @@ def _report(model: str, split: str, results: dict[tuple[int, ...], list[CaseScor
             mean_scores(results[mask], "nsd"),
         )
 
-    first = row(masks[0])
+    rows = [row(mask) for mask in masks]  # one mask unless ablated
+    first = rows[0]
     return EvaluationReport(
         model=model,
         split=split,
@@ -116,7 +118,7 @@ def _report(model: str, split: str, results: dict[tuple[int, ...], list[CaseScor
         volume=mean_scores(baseline, "volume"),
         volume_unit=baseline[0].volume_unit,
         per_case=[{metric: getattr(case, metric) for metric in ("case", *CaseScores.METRICS)} for case in baseline],
-        ablation=[row(mask) for mask in masks] if ablated else [],
+        ablation=rows if ablated else [],
     )
 
 
@@ -169,6 +171,8 @@ def _score(
 def _log(report: EvaluationReport, tracking_uri: str | None) -> EvaluationReport:
     """Log ``report`` to the run that trained its model, when that came from MLflow; a store
     that fails leaves the results intact and says why in ``logging_error``."""
+    if not report.model.startswith(MLFLOW_SCHEMES):
+        return report
     use_store(tracking_uri)
     run_id = source_run_id(report.model)
     if run_id is None:
