@@ -14,13 +14,16 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 
 from segment.atomic import write_atomically, write_atomically_as
 from segment.errors import SegmentError
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".mha")
@@ -196,6 +199,8 @@ def _read_nifti(path: Path) -> Scan:
 
 
 def _read_itk(path: Path) -> Scan:
+    import SimpleITK as sitk  # only NRRD and MHA need it: NIfTI-only machines may lack it
+
     try:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
@@ -297,6 +302,8 @@ def write_mask(mask: np.ndarray, scan: Scan, path: str | Path, label_names: dict
         image.header.set_slope_inter(1.0, 0.0)
         write_atomically_as(path, suffix, lambda named: nib.save(image, named))
     else:
+        import SimpleITK as sitk
+
         image = sitk.GetImageFromArray(labels.transpose(2, 1, 0))
         if scan.itk_reference is not None:
             image.CopyInformation(scan.itk_reference)

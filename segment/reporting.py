@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from segment.engine.train import TrainingResult
     from segment.tracking.runs import CrossValidation, EvaluatedRun, RunRecord
+    from segment.training.run import TrainingResult
     from segment.workflows.evaluation import EvaluationReport
     from segment.workflows.inspection import ModelDescription
     from segment.workflows.prediction import PredictedMask
@@ -119,7 +119,9 @@ def evaluation_markdown(report: EvaluationReport) -> str:
     if report.ablation:
         lines += [
             "",
-            "| skip mask (finest first) | mean Dice | " + " | ".join(f"NSD {label}" for label in labels) + " |",
+            "| skip mask (finest first) | mean Dice | "
+            + " | ".join(f"NSD {label}" for label in labels)
+            + " |",
             "| --- " * (2 + len(labels)) + "|",
         ]
         for row in report.ablation:
@@ -153,7 +155,9 @@ def _ablation_table(base: EvaluatedRun, trained_without: dict[tuple[int, ...], E
             what = "off: " + ", ".join(level_name(level, record.levels or 0) for level in off)
         reference = trained_without.get(mask)
         trained = (
-            f"{reference.report['mean_dice']:.4f} ({reference.record.config_name})" if reference else "not trained"
+            f"{reference.report['mean_dice']:.4f} ({reference.record.config_name})"
+            if reference
+            else "not trained"
         )
         nsd = " | ".join(f"{row['nsd'][label]:.4f}" for label in labels)
         lines.append(

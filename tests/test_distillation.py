@@ -10,11 +10,11 @@ from segment.config import load_config
 from segment.engine.device import make_runtime
 from segment.engine.inference import predict_logits
 from segment.engine.preparation import prepare
-from segment.engine.teaching import distillation_loss
-from segment.engine.train import train
 from segment.io import read_scan
 from segment.models import ModelLoadError, load_model
 from segment.models.sources import resolve_model
+from segment.training.run import train
+from segment.training.teaching import distillation_loss
 
 CONFIG = ROOT / "configs" / "hippocampus_3d.yaml"
 

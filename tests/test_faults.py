@@ -22,8 +22,8 @@ from conftest import (
 )
 from conftest import run_segment as segment
 
-from segment.engine.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from segment.engine.stop_signals import StopSignals
+from segment.training.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from segment.training.stop_signals import StopSignals
 
 CONFIG = str(ROOT / "configs" / "hippocampus_3d.yaml")
 

@@ -15,10 +15,10 @@ import tomllib
 import torch
 from conftest import ROOT, free_port
 
-from segment.engine.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
 from segment.models import ModelLoadError, load_model
 from segment.models.serialization import CONFIG_FILE, WEIGHTS_FILE
 from segment.models.sources import bundled_models
+from segment.training.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
 from segment.workflows.viewer import viewer_command
 
 

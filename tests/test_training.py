@@ -31,9 +31,9 @@ from typer.testing import CliRunner
 from segment import workflows
 from segment.cli import app
 from segment.config import ConfigError, load_config
-from segment.engine.checkpoint import load_checkpoint
-from segment.engine.train import train
 from segment.models import UNet, load_model
+from segment.training.checkpoint import load_checkpoint
+from segment.training.run import train
 
 CONFIG = str(ROOT / "configs" / "hippocampus_3d.yaml")
 
@@ -93,8 +93,13 @@ def test_a_short_run_is_fully_tracked_and_its_model_registered(tmp_path, hippoca
         "models:/hippocampus_3d@best", dst_path=str(tmp_path / "dl")
     )
     model, loaded_config = load_model(downloaded)
+    # The saved config records what "auto" resolved to on this machine.
     assert loaded_config == config.model_copy(
-        update={"labels": {0: "background", 1: "Anterior", 2: "Posterior"}}
+        update={
+            "labels": {0: "background", 1: "Anterior", 2: "Posterior"},
+            "data": config.data.model_copy(update={"loader": "workers"}),
+            "trainer": config.trainer.model_copy(update={"deterministic": True}),
+        }
     )
     assert model(torch.zeros(1, 1, 20, 24, 20)).shape == (1, 3, 20, 24, 20)
 
@@ -329,14 +334,14 @@ def test_missing_data_gives_one_clear_sentence(tmp_path):
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
-    from segment.engine.train import learning_rate
+    from segment.training.schedule import learning_rate
 
-    config = load_config(CONFIG)
-    peak = config.trainer.lr
-    assert learning_rate(config, 0.0, 0, 10) == pytest.approx(peak / 10)
-    assert learning_rate(config, 0.0, 9, 10) == pytest.approx(peak)
-    assert learning_rate(config, 0.5, 50, 10) == pytest.approx(peak / 2)
-    assert learning_rate(config, 1.0, 100, 10) == pytest.approx(0.0, abs=1e-12)
+    trainer = load_config(CONFIG).trainer
+    peak = trainer.lr
+    assert learning_rate(trainer, 0.0, 0, 10) == pytest.approx(peak / 10)
+    assert learning_rate(trainer, 0.0, 9, 10) == pytest.approx(peak)
+    assert learning_rate(trainer, 0.5, 50, 10) == pytest.approx(peak / 2)
+    assert learning_rate(trainer, 1.0, 100, 10) == pytest.approx(0.0, abs=1e-12)
 
 
 @pytest.mark.slow

@@ -213,6 +213,14 @@ class DataConfig(_Section):
     num_workers: int = Field(
         0, ge=0, description="Data-loader worker processes; 0 loads in the training process."
     )
+    loader: Literal["auto", "workers", "device"] = Field(
+        "auto",
+        description="How training samples are made. workers: read and cached in memory, then "
+        "cropped and augmented by num_workers processes. device: cached on the training device "
+        "and cropped and augmented there, in a loader thread (MONAI's fast-training recipe). "
+        "auto: device on CUDA when the cached cases fit in a quarter of the free GPU memory, "
+        "workers otherwise.",
+    )
     augment: bool = Field(True, description="Augment the training samples.")
     affine_augment_prob: float = Field(
         0.0,
@@ -299,12 +307,28 @@ class TrainerConfig(_Section):
         None, description="Sliding-window size for validation and prediction; null runs whole volumes."
     )
     sw_batch_size: int = Field(4, ge=1, description="Sliding windows per forward pass.")
-    amp: Literal["auto", "off"] = Field(
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(
         "auto",
-        description="Mixed precision: auto uses bf16 (or fp16) on CUDA and bf16 on a CPU with "
-        "native bf16; off runs fp32.",
+        description="Mixed precision. auto: bf16 autocast on CUDA (fp16 with a grad scaler on GPUs "
+        "without bf16) and on a CPU with native bf16, fp32 on other CPUs. bf16 or fp16 forces one "
+        "(fp16 always with a grad scaler); off runs fp32.",
     )
-    channels_last: bool = Field(True, description="Run the network in channels-last memory layout.")
+    channels_last: bool | None = Field(
+        None,
+        description="Run the network in channels-last memory layout; null takes the device's "
+        "default (on the CPU, off on CUDA).",
+    )
+    deterministic: bool | None = Field(
+        None,
+        description="Deterministic cuDNN kernels (true), or cuDNN autotuning, which is faster when "
+        "every batch has one shape (false). null: false on CUDA when training on fixed-size "
+        "patches, true otherwise. The value used is recorded with the run.",
+    )
+    compile: bool = Field(
+        False,
+        description="Compile the network with torch.compile before training: slower start, "
+        "faster steps on some GPUs (benchmarks/gpu.py measures it).",
+    )
     seed: int = Field(0, description="Seed of the initialisation, the sample order and the augmentation.")
     init_from: str | None = Field(
         None,

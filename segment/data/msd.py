@@ -146,6 +146,9 @@ def fetch_task(task: str, data_root: Path) -> Path:
         try:
             extracted.rename(target)
         except OSError as error:
+            if (target / "dataset.json").is_file():
+                # Another node's download, on a shared disk, finished first: the same md5-checked task.
+                return target
             raise FetchError(
                 f"Cannot move the extracted {task} to {target} ({error.strerror or error})."
             ) from error

@@ -8,11 +8,14 @@ import math
 import torch
 from monai import transforms as T
 from monai.data import MetaTensor
+from monai.transforms import Randomizable
 
 from segment.config import ExperimentConfig
 from segment.io import Scan, read_scan
 
 IMAGE, LABEL = "image", "label"
+# Keys FgBgToIndicesd adds for the label, by its default postfixes.
+FOREGROUND_INDICES, BACKGROUND_INDICES = f"{LABEL}_fg_indices", f"{LABEL}_bg_indices"
 
 
 def orient_and_normalise(config: ExperimentConfig, keys: tuple[str, ...], keep_meta: bool = False) -> list:
@@ -65,10 +68,15 @@ def read_and_normalise(config: ExperimentConfig) -> list:
 
 
 def _sample(config: ExperimentConfig) -> list:
-    """Choose what one training sample is: a whole volume, a patch, or an axial slice (2D)."""
+    """Choose what one training sample is: a whole volume, a patch, or an axial slice (2D).
+    The deterministic steps come first, so a CacheDataset keeps their output."""
     data, dims = config.data, config.model.spatial_dims
     keys = (IMAGE, LABEL)
     steps: list = []
+    if data.modality == "ct":
+        # The air around the body (below the window, 0 after scaling) holds no label: cropped
+        # once, in the cache, as in MONAI's spleen recipe. Validation keeps whole scans.
+        steps.append(T.CropForegroundd(keys, source_key=IMAGE, allow_smaller=True))
     if dims == 2:
         # Axial slices of the RAS volume: its last axis is inferior -> superior.
         steps += [
@@ -84,7 +92,9 @@ def _sample(config: ExperimentConfig) -> list:
             # multi-sample crop would nest lists inside the list of slices.
             steps.append(T.RandSpatialCropd(keys, roi_size=data.patch_size, random_size=False))
         else:
-            steps.append(
+            steps += [
+                # Where the labels are, found once per case (and cached), not at every crop.
+                T.FgBgToIndicesd(LABEL),
                 T.RandCropByPosNegLabeld(
                     keys,
                     label_key=LABEL,
@@ -92,8 +102,10 @@ def _sample(config: ExperimentConfig) -> list:
                     pos=1,
                     neg=1,
                     num_samples=data.patches_per_volume,
-                )
-            )
+                    fg_indices_key=FOREGROUND_INDICES,
+                    bg_indices_key=BACKGROUND_INDICES,
+                ),
+            ]
     return steps
 
 
@@ -144,12 +156,18 @@ def _intensity_augment(config: ExperimentConfig) -> list:
     ]
 
 
-def training_transforms(config: ExperimentConfig) -> T.Compose:
+def training_transforms(config: ExperimentConfig, device: torch.device | None = None) -> T.Compose:
+    """Reading, sampling and augmentation. With ``device`` the cached cases move there before
+    the first random step, so crops and augmentation run on that device."""
     steps = read_and_normalise(config) + _sample(config)
     if config.data.augment:
         steps += _augment(config)
     # Plain tensors of one dtype per key, whichever augmentations ran, so samples stack.
     steps.append(T.EnsureTyped((IMAGE, LABEL), dtype=("float32", "uint8"), track_meta=False))
+    if device is not None:
+        first_random = next((i for i, step in enumerate(steps) if isinstance(step, Randomizable)), len(steps))
+        keys = (IMAGE, LABEL, FOREGROUND_INDICES, BACKGROUND_INDICES)
+        steps.insert(first_random, T.ToDeviced(keys, device=device, allow_missing_keys=True))
     return T.Compose(steps)
 
 

@@ -1,5 +1,14 @@
-"""Where tensors run and in what precision: CUDA when present, with bf16 autocast (fp16 and a
-grad scaler on GPUs without bf16), else the CPU, with bf16 autocast where it has native bf16."""
+"""Where tensors run, in what precision and in what layout.
+
+``auto`` precision: CUDA when present, with bf16 autocast (fp16 and a grad scaler on GPUs
+without bf16), else the CPU, with bf16 autocast where it has native bf16. ``bf16`` and ``fp16``
+force one (fp16 always with a grad scaler, on the CPU too); ``off`` runs fp32.
+
+Layout and norm kernel: on the CPU channels-last with the group-norm kernel, which keeps that
+layout (``docs/benchmarks.md``). On CUDA, PyTorch's group norm makes its input contiguous and
+autocast runs it in fp32, so channels-last would be converted twice per norm layer; CUDA
+therefore defaults to channels-first with the instance-norm kernel. ``benchmarks/gpu.py``
+times all four combinations on a GPU."""
 
 from __future__ import annotations
 
@@ -13,6 +22,7 @@ import torch
 from torch import nn
 
 from segment.errors import SegmentError
+from segment.models.blocks import InstanceNorm
 
 
 class DeviceError(SegmentError):
@@ -26,6 +36,8 @@ class Runtime:
     channels_last: bool
     # Every convolution through oneDNN (see route_convolutions_through_onednn).
     onednn_convolutions: bool = False
+    # How InstanceNorm layers compute: "group" (GroupNorm's kernel) or "instance".
+    norm_kernel: str = "group"
 
     @property
     def pin_memory(self) -> bool:
@@ -62,12 +74,14 @@ class Runtime:
             )
         if self.onednn_convolutions:
             route_convolutions_through_onednn(model)
+        use_norm_kernel(model, self.norm_kernel)
         return model
 
     def describe(self) -> str:
         precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 AMP"}[self.amp_dtype]
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
-        return f"{self.device.type} ({name}), {precision}"
+        layout = "channels-last" if self.channels_last else "channels-first"
+        return f"{self.device.type} ({name}), {precision}, {layout}, {self.norm_kernel}-norm kernel"
 
 
 def _onednn_conv_forward(conv: nn.Module, input: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
@@ -91,6 +105,14 @@ def route_convolutions_through_onednn(model: nn.Module) -> None:
             and not isinstance(module.padding, str)
         ):
             module._conv_forward = types.MethodType(_onednn_conv_forward, module)
+
+
+def use_norm_kernel(model: nn.Module, kernel: str) -> None:
+    """Compute every :class:`~segment.models.blocks.InstanceNorm` of ``model`` with ``kernel``;
+    the result and the weights are the same either way."""
+    for module in model.modules():
+        if isinstance(module, InstanceNorm):
+            module.kernel = kernel
 
 
 @functools.cache
@@ -118,14 +140,34 @@ def choose_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
-def make_runtime(requested: str = "auto", amp: str = "auto", channels_last: bool = True) -> Runtime:
+def precision_for(device: torch.device, amp: str) -> torch.dtype | None:
+    """The autocast dtype that ``amp`` (auto, bf16, fp16 or off) gives on ``device``."""
+    if amp == "off":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_supports_bf16() else None
+
+
+def make_runtime(
+    requested: str = "auto",
+    amp: str = "auto",
+    channels_last: bool | None = None,
+    norm_kernel: str | None = None,
+) -> Runtime:
+    """The runtime for device ``requested``; ``channels_last`` and ``norm_kernel`` left as None
+    take the device's defaults (see the module docstring)."""
     device = choose_device(requested)
-    amp_dtype = None
-    if amp == "auto":
-        if device.type == "cuda":
-            amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        elif cpu_supports_bf16():
-            amp_dtype = torch.bfloat16
+    amp_dtype = precision_for(device, amp)
+    on_cuda = device.type == "cuda"
+    if channels_last is None:
+        channels_last = not on_cuda
+    if norm_kernel is None:
+        norm_kernel = "instance" if on_cuda else "group"
     # bf16 autocast already takes oneDNN's kernels, and would not cast for a direct call.
     onednn = device.type == "cpu" and amp_dtype is None and torch.backends.mkldnn.is_available()
-    return Runtime(device, amp_dtype, channels_last, onednn)
+    return Runtime(device, amp_dtype, channels_last, onednn, norm_kernel)

@@ -55,9 +55,10 @@ def predict_logits(
     *,
     cache: FeatureCache | None = None,
     progress: bool = False,
+    on_device: bool = False,
 ) -> torch.Tensor:
     """volume: (1, C, X, Y, Z), prepared as in training -> float32 logits (1, out_channels,
-    X, Y, Z) on the CPU.
+    X, Y, Z) on the CPU, or left on the runtime's device with ``on_device``.
 
     ``config.trainer.roi_size`` set: MONAI's sliding window (gaussian-weighted, 25 % overlap).
     ``cache`` (whole-volume models only): the encoder runs once per volume and each further
@@ -84,11 +85,11 @@ def predict_logits(
             cache.features = [model.encode(runtime.to_device(batch)) for batch in inputs]
         features = cache.features if cache is not None and roi_size is None else None
         outputs = [
-            (model.decode(features[index], skip_mask) if features else run(runtime.to_device(batch)))
-            .float()
-            .cpu()
+            (model.decode(features[index], skip_mask) if features else run(runtime.to_device(batch))).float()
             for index, batch in enumerate(inputs)
         ]
+    if not on_device:
+        outputs = [output.cpu() for output in outputs]
     return _as_volume(outputs, model.config.spatial_dims)
 
 

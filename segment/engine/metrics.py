@@ -22,8 +22,12 @@ warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category
 
 
 def _one_hot(labels: np.ndarray | torch.Tensor, classes: int) -> torch.Tensor:
-    """Integer labels (*spatial) -> (1, classes, *spatial) one-hot floats."""
-    return one_hot(torch.as_tensor(np.asarray(labels).astype(np.int64))[None, None], classes)
+    """Integer labels (*spatial) -> (1, classes, *spatial) one-hot floats, on the labels' device."""
+    if isinstance(labels, torch.Tensor):
+        tensor = labels.long()
+    else:
+        tensor = torch.as_tensor(np.asarray(labels).astype(np.int64))
+    return one_hot(tensor[None, None], classes)
 
 
 def _dice(predicted: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import itertools
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from monai.metrics import CumulativeAverage
 from tqdm.auto import tqdm
 
@@ -29,13 +30,14 @@ def validation_dice(
     skip_mask: SkipMask = None,
 ) -> dict[str, float]:
     """Mean Dice over the cases of ``dataset`` (prepared volumes and labels) for each
-    foreground label, keyed by label name. Under torchrun each process scores its share and
-    MONAI's average gathers them."""
+    foreground label, keyed by label name, computed on the runtime's device. Under torchrun
+    each process scores its share and MONAI's average gathers them."""
     classes = config.model.out_channels
     average = CumulativeAverage()
     for case in dataset:
-        logits = predict_logits(model, case["image"][None], runtime, config, skip_mask)
-        average.append(dice_per_label(logits.argmax(dim=1)[0], case["label"][0], classes))
+        logits = predict_logits(model, case["image"][None], runtime, config, skip_mask, on_device=True)
+        truth = torch.as_tensor(case["label"][0]).to(logits.device)
+        average.append(dice_per_label(logits.argmax(dim=1)[0], truth, classes))
     scores = np.atleast_1d(average.aggregate(to_numpy=True)).tolist()
     return {
         label_names.get(value, str(value)): score

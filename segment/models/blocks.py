@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from monai.networks.layers import Conv, Norm, get_norm_layer
 from monai.networks.nets.basic_unet import TwoConv
@@ -20,6 +22,14 @@ class InstanceNorm(nn.GroupNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True) -> None:
         super().__init__(num_features, num_features, eps=eps, affine=affine)
+        # "group" or "instance": which of PyTorch's two kernels computes it (engine.device
+        # picks one per device). Not part of the state dict.
+        self.kernel = "group"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "instance":
+            return F.instance_norm(input, weight=self.weight, bias=self.bias, eps=self.eps)
+        return super().forward(input)
 
 
 Norm.add_factory_class("channelwise_instance", InstanceNorm)

@@ -7,14 +7,16 @@ from pathlib import Path
 
 from segment.atomic import require_writable
 from segment.config import ExperimentConfig, apply_overrides, build_config, load_config
-from segment.engine.train import TrainingInterrupted, TrainingResult
-from segment.engine.train import train as run_training
 from segment.tracking.store import run_name
+from segment.training.run import TrainingInterrupted, TrainingResult
+from segment.training.run import train as run_training
 
 __all__ = ["TrainingInterrupted", "TrainingResult", "resume", "train"]
 
 
-def train(config: ExperimentConfig | str | Path, overrides: list[str] | None = None, **options) -> TrainingResult:
+def train(
+    config: ExperimentConfig | str | Path, overrides: list[str] | None = None, **options
+) -> TrainingResult:
     """Train the experiment ``config`` (a YAML path or a loaded config) with ``overrides``
     (``["trainer.max_minutes=10"]``) applied. The MLflow run is named by the config and the
     overrides, so runs of one config tell apart in the UI.
@@ -26,7 +28,9 @@ def train(config: ExperimentConfig | str | Path, overrides: list[str] | None = N
     ``./data``), ``tracking_uri`` (the MLflow store), ``output_dir`` (checkpoints and best
     models, default ``runs``), ``device`` (auto, cpu or cuda), ``progress`` (bars)."""
     if isinstance(config, ExperimentConfig):
-        experiment = build_config(apply_overrides(config.model_dump(mode="json"), overrides or []), config.name)
+        experiment = build_config(
+            apply_overrides(config.model_dump(mode="json"), overrides or []), config.name
+        )
     else:
         experiment = load_config(config, overrides)
     return _run(experiment, run_name(experiment, overrides), None, None, **options)

@@ -3,7 +3,6 @@ teacher to distil (``trainer.teacher``); and the moving average of its own weigh
 
 from __future__ import annotations
 
-import mlflow
 import torch
 from torch.optim.swa_utils import AveragedModel
 
@@ -30,6 +29,8 @@ def distillation_loss(
 
 
 def load_trained(spec: str, what: str) -> tuple[Segmenter, ExperimentConfig]:
+    import mlflow  # a model named by its MLflow URI is found in the run's store
+
     try:
         return load_model(resolve_model(spec, mlflow.get_tracking_uri()))
     except ModelLoadError as error:
@@ -63,13 +64,23 @@ def load_teacher(config: ExperimentConfig, runtime: Runtime) -> Segmenter:
     return runtime.prepare_model(teacher).eval()
 
 
-def moving_average(model: UNet, decay: float) -> AveragedModel:
-    """An exponential moving average of ``model``'s weights. Its decay ramps up as
-    (1 + n) / (10 + n) towards ``decay``, so the random initialisation does not linger in
-    the average through the first epochs."""
+class MovingAverage(AveragedModel):
+    """An exponential moving average of a model's weights (and buffers). Its decay ramps up as
+    (1 + n) / (10 + n) towards ``decay``, so the random initialisation does not linger in the
+    average through the first epochs.
 
-    def average(averaged: torch.Tensor, current: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-        rate = min(decay, float((1 + steps) / (10 + steps)))
-        return rate * averaged + (1.0 - rate) * current
+    Each update is one fused ``torch._foreach_lerp_`` per device and dtype, and the count of
+    updates is read from AveragedModel's own counter, which stays on the host: reading the
+    copy it hands to ``multi_avg_fn`` from a CUDA device would wait for the GPU."""
 
-    return AveragedModel(model, avg_fn=average, use_buffers=True)
+    def __init__(self, model: UNet, decay: float) -> None:
+        super().__init__(model, multi_avg_fn=self._average, use_buffers=True)
+        self.decay = decay
+
+    def _average(self, averaged: list[torch.Tensor], current: list[torch.Tensor], _) -> None:
+        if not averaged[0].is_floating_point():  # counters such as num_batches_tracked
+            torch._foreach_copy_(averaged, current)
+            return
+        updates = int(self.n_averaged)
+        rate = min(self.decay, (1 + updates) / (10 + updates))
+        torch._foreach_lerp_(averaged, current, 1.0 - rate)

@@ -1,4 +1,5 @@
-"""Training checkpoints: written atomically every epoch, read back without unpickling code."""
+"""Training checkpoints: written atomically every epoch, read back without unpickling code.
+They hold no random-generator state: every rank reseeds each epoch (``seeding``)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,6 @@ def save_checkpoint(
         "averaged": averaged.state_dict() if averaged is not None else {},
         "optimiser": optimiser.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else {},
-        "torch_rng": torch.get_rng_state(),
     }
     path = directory / CHECKPOINT_FILE
     write_atomically(path, lambda temporary: torch.save(payload, temporary))
