@@ -35,6 +35,24 @@ def test_without_cuda_it_says_so_in_one_sentence_and_exits_0(tmp_path):
     assert not (tmp_path / "gpu.json").exists()
 
 
+def test_it_runs_where_mlflow_simpleitk_and_streamlit_are_missing():
+    """The GPU machine has none of them: the training path must not import them."""
+    blocker = (
+        "import sys\n"
+        "class Missing:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('mlflow', 'SimpleITK', 'streamlit'):\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Missing())\n"
+        f"sys.path.insert(0, {str(BENCHMARKS)!r})\n"
+        "import gpu\n"
+        "sys.exit(gpu.main())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == gpu.NO_CUDA
+
+
 def test_step_times_compare_ours_with_basic_unet_in_every_variant():
     rows = gpu.step_times(tiny_config(), "cpu", repeats=1, shapes=(("toy", 1, (32, 32, 32)),))
     assert [(row["layout"], row["norm_kernel"]) for row in rows] == list(gpu.VARIANTS)

@@ -15,12 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import HIPPOCAMPUS, free_port
+from conftest import HIPPOCAMPUS, ROOT, free_port, tiny_hippocampus_overrides
 from monai.data import DataLoader, Dataset
+from monai.data.meta_obj import get_track_meta
 from monai.transforms import RandFlipd
 
-from segment.config import ExperimentConfig
+from segment.config import ExperimentConfig, load_config
 from segment.data import msd
+from segment.data.loaders import DeviceLoader, training_loader
+from segment.data.tasks import split_task
 from segment.engine.device import make_runtime
 from segment.training.callbacks import BestModel, Callback, Checkpoint, EpochEnd, TimeBudget, Validation
 from segment.training.checkpoint import TrainingState, load_checkpoint
@@ -328,3 +331,39 @@ def test_a_missing_task_is_fetched_once_per_node_while_the_other_rank_waits(tmp_
     seen = _run_two(_download_rank, tmp_path, str(data_root), tar.as_uri(), md5)
     assert seen == [{"train": 3, "val": 1}, {"train": 3, "val": 1}]
     assert sorted(p.name for p in data_root.iterdir()) == [HIPPOCAMPUS]  # one download, no leftovers
+
+
+def patch_config(loader: str) -> ExperimentConfig:
+    return load_config(
+        ROOT / "configs" / "hippocampus_3d.yaml",
+        [
+            *tiny_hippocampus_overrides(cases=6),
+            "data.patch_size=[24,24,24]",
+            "data.patches_per_volume=2",
+            f"data.loader={loader}",
+        ],
+    )
+
+
+@pytest.mark.parametrize("loader", ["device", "workers"])
+def test_both_loaders_crop_patches_by_label_from_cached_cases(loader, hippocampus_root):
+    config = patch_config(loader)
+    split = split_task(config.data, hippocampus_root)
+    runtime = make_runtime("cpu", amp="off")
+    batches = training_loader(config, split, runtime)
+    assert isinstance(batches, DeviceLoader) == (loader == "device")
+    tracking = get_track_meta()
+    seen = list(batches)
+    assert get_track_meta() == tracking  # back on for validation and prediction
+    samples = sum(batch["image"].shape[0] for batch in seen)
+    assert samples == 2 * 2 * (len(split.train) // 2)  # two patches per case, whole batches
+    for batch in seen:
+        assert set(batch) == {"image", "label"}  # the cached label indices stay behind
+        assert batch["image"].shape[1:] == (1, 24, 24, 24) and batch["image"].dtype == torch.float32
+        assert type(batch["image"]) is torch.Tensor  # no metadata carried into training
+    # pos=1, neg=1: about half the patches are centred on a labelled voxel.
+    with_labels = [bool(label.any()) for batch in seen for label in batch["label"]]
+    assert sum(with_labels) >= len(with_labels) // 2
+    setup = build_setup(config, runtime)
+    state = TrainingState(run_id="local", config_yaml="")
+    assert fit(setup, batches, state, []) == "1 epochs done"

@@ -134,6 +134,15 @@ def test_the_same_split_and_fingerprint_for_the_same_seed(tmp_path, hippocampus_
     assert other.fingerprint != first.fingerprint
 
 
+def test_without_a_split_seed_the_last_cases_in_name_order_validate(hippocampus_root):
+    from segment.data.tasks import split_task
+
+    config = load_config(CONFIG, ["data.max_cases=10", "data.val_fraction=0.3", "data.split_seed=null"]).data
+    record = split_task(config, hippocampus_root).as_record()
+    ordered = sorted(record["train"] + record["val"])
+    assert record["val"] == ordered[-3:] and record["train"] == ordered[:-3]
+
+
 def test_cross_validation_folds_validate_on_every_case_exactly_once(hippocampus_root):
     from segment.data.tasks import split_task
 

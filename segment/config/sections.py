@@ -191,8 +191,10 @@ class DataConfig(_Section):
         lt=1.0,
         description="Share of the labelled cases held out for validation (without folds).",
     )
-    split_seed: int = Field(
-        0, description="Seed of the shuffle that draws the validation split or the folds."
+    split_seed: int | None = Field(
+        0,
+        description="Seed of the shuffle that draws the validation split or the folds; null: no "
+        "shuffle, so the validation split is the last cases in name order (MONAI's tutorials).",
     )
     folds: int | None = Field(
         None,

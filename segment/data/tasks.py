@@ -85,7 +85,7 @@ def label_names(task_folder: Path) -> dict[int, str]:
 
 def split_task(config: DataConfig, data_root: Path, download: bool = True) -> TaskSplit:
     """List the labelled cases of the task and split them by ``config.split_seed``: a fraction
-    of them, or one fold of ``config.folds``."""
+    of them, or one fold of ``config.folds``; without a seed, in name order."""
     folder = locate_task(config.task, data_root, download)
     cases = load_decathlon_datalist(
         str(folder / "dataset.json"), is_segmentation=True, data_list_key="training", base_dir=str(folder)
@@ -100,9 +100,13 @@ def split_task(config: DataConfig, data_root: Path, download: bool = True) -> Ta
             f"the task folder is incomplete."
         )
     shuffled = cases[:]
-    random.Random(config.split_seed).shuffle(shuffled)
+    if config.split_seed is not None:
+        random.Random(config.split_seed).shuffle(shuffled)
     if config.folds is None:
-        start, stop = 0, max(1, round(len(cases) * config.val_fraction))
+        held_out = max(1, round(len(cases) * config.val_fraction))
+        # Unshuffled, the validation cases are the last ones, as MONAI's tutorials take them.
+        start = 0 if config.split_seed is not None else len(cases) - held_out
+        stop = start + held_out
     elif len(cases) < config.folds:
         raise ConfigError(
             f"data.folds={config.folds} needs at least {config.folds} labelled cases, but {folder.name} "

@@ -180,9 +180,10 @@ def _folder_source(folder: Path):
 
 
 def _split_description(data: DataConfig) -> str:
+    order = "in name order" if data.split_seed is None else f"split seed {data.split_seed}"
     if data.folds is not None:
-        return f"validation fold {data.fold} of {data.folds}, split seed {data.split_seed}"
-    return f"{data.val_fraction:.0%} validation, split seed {data.split_seed}"
+        return f"validation fold {data.fold} of {data.folds}, {order}"
+    return f"{data.val_fraction:.0%} validation, {order}"
 
 
 def log_model_and_register(model_dir: Path, config: ExperimentConfig, metrics: dict[str, float]) -> int:
