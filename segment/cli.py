@@ -57,6 +57,15 @@ ModelOption = Annotated[
     ),
 ]
 DeviceOption = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
+KeepLargestOption = Annotated[
+    bool, typer.Option("--keep-largest", help="Keep only the largest connected component of each label.")
+]
+MinSizeOption = Annotated[
+    float | None,
+    typer.Option(
+        "--min-size", help="Remove connected components smaller than this volume (mm³ for scans in mm)."
+    ),
+]
 StoreOption = Annotated[
     str | None, typer.Option(help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
 ]
@@ -74,6 +83,13 @@ def _overrides(given: list[str] | None, context: typer.Context) -> list[str]:
     if stray:
         raise InputError(f"Unexpected argument {stray[0]!r}: overrides look like --set section.key=value.")
     return [*(given or []), *context.args]
+
+
+def _postprocessing(keep_largest: bool, min_size: float | None):
+    from segment.engine.postprocessing import PostProcessing
+
+    steps = PostProcessing(keep_largest, min_size)
+    return steps if steps.enabled else None
 
 
 def _skip_mask(text: str | None) -> tuple[int, ...] | None:
@@ -185,6 +201,25 @@ def predict(
         str | None,
         typer.Option("--skip-mask", help="Long skips on (1) or off (0), level 1 (finest) first, e.g. 1,1,0,1."),
     ] = None,
+    keep_largest: KeepLargestOption = False,
+    min_size: MinSizeOption = None,
+    probabilities: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write the mean softmax here: a NIfTI, one channel per label (a folder "
+            "for a folder of scans)."
+        ),
+    ] = None,
+    uncertainty: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write per-voxel uncertainty here: entropy, and the disagreement of an "
+            "ensemble's members or of skip settings drawn with the model's skip dropout."
+        ),
+    ] = None,
+    samples: Annotated[
+        int, typer.Option(help="Skip settings drawn for --probabilities/--uncertainty of a skip-dropout model.")
+    ] = 8,
     device: DeviceOption = "auto",
     tracking_uri: StoreOption = None,
 ) -> None:
@@ -192,7 +227,16 @@ def predict(
     from segment import reporting, workflows
 
     result = workflows.predict(
-        model, input, output, _skip_mask(skip_mask), device=device, tracking_uri=tracking_uri
+        model,
+        input,
+        output,
+        _skip_mask(skip_mask),
+        postprocessing=_postprocessing(keep_largest, min_size),
+        probabilities=probabilities,
+        uncertainty=uncertainty,
+        samples=samples,
+        device=device,
+        tracking_uri=tracking_uri,
     )
     for written in result.masks:
         for warning in written.warnings:
@@ -227,11 +271,14 @@ def evaluate(
             "finest voxels for scans in another unit (the ISBI EM task, in micrometres: 0.008)."
         ),
     ] = None,
+    keep_largest: KeepLargestOption = False,
+    min_size: MinSizeOption = None,
     device: DeviceOption = "auto",
     tracking_uri: StoreOption = None,
 ) -> None:
-    """Dice, HD95, NSD and volume per label; optionally the skip ablation. A model from MLflow
-    gets the results logged to the run that trained it."""
+    """Dice, HD95, NSD and volume per label; optionally the skip ablation, and each
+    post-processing step (--keep-largest, --min-size) scored beside the raw masks. A model from
+    MLflow gets the results logged to the run that trained it."""
     from segment import reporting, workflows
     from segment.atomic import require_output_file
 
@@ -242,6 +289,7 @@ def evaluate(
     options = {
         "max_cases": max_cases,
         "nsd_tolerance": nsd_tolerance,
+        "postprocessing": _postprocessing(keep_largest, min_size),
         "device": device,
         "tracking_uri": tracking_uri,
     }

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     import SimpleITK as sitk
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# Probability and uncertainty maps: the values a uint16 voxel holds for [0, 1].
+MAP_STEPS = 65535
 ITK_SUFFIXES = (".nrrd", ".mha")
 SUPPORTED_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 # A header may declare any size; refuse before allocating more than this many voxels (2 GB of
@@ -279,6 +281,28 @@ def check_label_matches(label: Scan, scan: Scan) -> None:
 
 def label_description(label_names: dict[int, str]) -> str:
     return "labels " + " ".join(f"{value}={name}" for value, name in sorted(label_names.items()) if value > 0)
+
+
+def write_maps(maps: np.ndarray, scan: Scan, path: str | Path, description: str) -> Path:
+    """Write maps of values in [0, 1] (X, Y, Z, channels) over ``scan``'s voxels as a NIfTI with
+    the scan's affine; ``description`` (what each channel holds) goes into its header.
+    Atomically. NIfTI-1 has no float16, so values are stored as uint16 with a scale of 1/65535
+    in the header (steps of 1.5e-5, half float32's size); every NIfTI reader applies it."""
+    path = Path(path)
+    if maps.shape[:3] != scan.array.shape:
+        raise ValueError(f"map shape {maps.shape[:3]} differs from the scan's {scan.array.shape}")
+    if scan_suffix(path) not in NIFTI_SUFFIXES:
+        raise ScanError(f"Cannot write {path.name}: probability and uncertainty maps are NIfTI (.nii.gz or .nii).")
+    header = nib.Nifti1Header()
+    if scan.nifti_header is not None:
+        header.set_xyzt_units(*scan.nifti_header.get_xyzt_units())
+    header.set_data_dtype(np.uint16)
+    header["descrip"] = description[:79].encode()
+    steps = np.round(np.clip(maps, 0.0, 1.0) * MAP_STEPS).astype(np.uint16)
+    image = nib.Nifti1Image(steps, scan.affine, header)
+    image.header.set_slope_inter(1.0 / MAP_STEPS, 0.0)
+    write_atomically_as(path, scan_suffix(path), lambda named: nib.save(image, named))
+    return path
 
 
 def write_mask(mask: np.ndarray, scan: Scan, path: str | Path, label_names: dict[int, str]) -> Path:

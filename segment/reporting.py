@@ -83,7 +83,12 @@ def runs_text(records: list[RunRecord], validations: list[CrossValidation]) -> s
 
 def prediction_line(mask: PredictedMask) -> str:
     counts = ", ".join(f"{name} {count}" for name, count in mask.voxels.items())
-    return f"{mask.mask}: {counts} voxels"
+    line = f"{mask.mask}: {counts} voxels"
+    for what, path in mask.maps.items():
+        line += f"\n  {what}: {path}"
+    if mask.maps:
+        line += f" (from {mask.samples_from})"
+    return line
 
 
 def evaluation_text(report: EvaluationReport) -> str:
@@ -99,6 +104,9 @@ def evaluation_text(report: EvaluationReport) -> str:
     for row in report.ablation:
         nsd = "  ".join(f"NSD {label} {value:.4f}" for label, value in row.nsd.items())
         lines.append(f"  skip mask {row.mask_text}: mean Dice {row.mean_dice:.4f}  {nsd}")
+    for row in report.postprocessing:
+        hd95 = "  ".join(f"HD95 {label} {value:.2f}" for label, value in row.hd95.items())
+        lines.append(f"  post-processing {row.steps}: mean Dice {row.mean_dice:.4f}  {hd95}")
     return "\n".join(lines)
 
 
@@ -127,6 +135,17 @@ def evaluation_markdown(report: EvaluationReport) -> str:
         for row in report.ablation:
             nsd = " | ".join(f"{row.nsd[label]:.4f}" for label in labels)
             lines.append(f"| {row.mask_text} | {row.mean_dice:.4f} | {nsd} |")
+    if report.postprocessing:
+        lines += [
+            "",
+            "| post-processing | mean Dice | "
+            + " | ".join(f"HD95 {label} | NSD {label}" for label in labels)
+            + " |",
+            "| --- " * (2 + 2 * len(labels)) + "|",
+        ]
+        for row in report.postprocessing:
+            scores = " | ".join(f"{row.hd95[label]:.2f} | {row.nsd[label]:.4f}" for label in labels)
+            lines.append(f"| {row.steps} | {row.mean_dice:.4f} | {scores} |")
     return "\n".join(lines) + "\n"
 
 

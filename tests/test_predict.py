@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from segment.cli import app
 from segment.engine.device import make_runtime
-from segment.engine.inference import predict_logits, segment_scan
+from segment.engine.inference import predict_labels, predict_logits
 from segment.engine.metrics import score_case
 from segment.engine.preparation import prepare
 from segment.engine.scoring import ablation_masks
@@ -119,7 +119,7 @@ def test_nrrd_and_mha_scans_get_masks_with_their_own_geometry(tmp_path, case_pat
     np.testing.assert_allclose(mask.GetSpacing(), itk_image.GetSpacing(), atol=1e-6)
     np.testing.assert_allclose(mask.GetDirection(), itk_image.GetDirection(), atol=1e-6)
     network, config = model
-    expected = segment_scan(network, config, read_scan(image_path), make_runtime("cpu"))
+    expected = predict_labels(network, prepare(read_scan(image_path), config), make_runtime("cpu"), config)
     # bf16 arithmetic can tip a voxel whose two top classes tie; anything more is a geometry error.
     assert (sitk.GetArrayFromImage(mask).transpose(2, 1, 0) == expected).mean() > 0.999
 
@@ -149,8 +149,9 @@ def test_switching_skips_off_changes_the_mask(tmp_path, case_paths, model):
     network, config = model
     scan = read_scan(case_paths[0])
     runtime = make_runtime("cpu")
-    all_on = segment_scan(network, config, scan, runtime)
-    all_off = segment_scan(network, config, scan, runtime, [0, 0, 0, 0])
+    prepared = prepare(scan, config)
+    all_on = predict_labels(network, prepared, runtime, config)
+    all_off = predict_labels(network, prepared, runtime, config, [0, 0, 0, 0])
     assert (all_on != all_off).sum() > 0
 
 

@@ -1,5 +1,5 @@
-"""The one inference path: a prepared volume and a skip mask in, logits out; and a scan in,
-labels out. Validation, prediction, evaluation and the viewer's explorer all run through
+"""The one inference path: a prepared volume and a skip mask in, logits out; and a prepared
+scan in, labels on its own voxels out. Validation, prediction, evaluation and the viewer's explorer all run through
 :func:`predict_logits`.
 
 A model runs on the whole volume, by sliding window (``trainer.roi_size``), or, in 2D, on
@@ -14,8 +14,7 @@ from monai.inferers import sliding_window_inference
 
 from segment.config import ExperimentConfig
 from segment.engine.device import Runtime
-from segment.engine.preparation import PreparedScan, prepare
-from segment.io import Scan
+from segment.engine.preparation import PreparedScan
 from segment.models import Segmenter, SkipMask
 
 SLICES_PER_BATCH = 16
@@ -106,15 +105,3 @@ def predict_labels(
     return prepared.restore(
         predict_logits(model, prepared.volume, runtime, config, skip_mask, **options).argmax(dim=1)
     )
-
-
-def segment_scan(
-    model: Segmenter,
-    config: ExperimentConfig,
-    scan: Scan,
-    runtime: Runtime,
-    skip_mask: SkipMask = None,
-    progress: bool = False,
-) -> np.ndarray:
-    """Integer labels for ``scan``, same shape and voxel order as ``scan.array``."""
-    return predict_labels(model, prepare(scan, config), runtime, config, skip_mask, progress=progress)

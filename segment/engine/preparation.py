@@ -33,15 +33,23 @@ class PreparedScan:
         """labels: (1, X, Y, Z) or (1, 1, X, Y, Z) integers in the model's grid -> uint8 array
         in the scan's own voxel order and shape."""
         labels = labels.reshape(1, *self.volume.shape[2:])
+        return self._invert(labels, nearest=True)[0].round().astype(np.uint8)
+
+    def restore_maps(self, maps: torch.Tensor) -> np.ndarray:
+        """maps: (1, C, X, Y, Z) values in the model's grid (probabilities, uncertainty) ->
+        float32 (X, Y, Z, C) in the scan's own voxel order, interpolated linearly."""
+        return np.moveaxis(self._invert(maps[0], nearest=False), 0, -1)
+
+    def _invert(self, channels: torch.Tensor, nearest: bool) -> np.ndarray:
         # Crop away the padding a tiny volume was given (see _pad_tiny).
-        labels = labels[(slice(None), *(slice(0, size) for size in self.data[IMAGE].shape[1:]))]
-        # The prediction lives on the transformed image's grid: same metadata, same history.
-        prediction = MetaTensor(labels.to(torch.float32), meta=dict(self.data[IMAGE].meta))
+        channels = channels[(slice(None), *(slice(0, size) for size in self.data[IMAGE].shape[1:]))]
+        # The result lives on the transformed image's grid: same metadata, same history.
+        prediction = MetaTensor(channels.to(torch.float32), meta=dict(self.data[IMAGE].meta))
         prediction.applied_operations = list(self.data[IMAGE].applied_operations)
-        inverted = T.Invertd(PREDICTION, transform=self.transform, orig_keys=IMAGE, nearest_interp=True)(
+        inverted = T.Invertd(PREDICTION, transform=self.transform, orig_keys=IMAGE, nearest_interp=nearest)(
             {**self.data, PREDICTION: prediction}
         )
-        return np.asarray(inverted[PREDICTION][0]).round().astype(np.uint8)
+        return np.asarray(inverted[PREDICTION])
 
 
 def prepare(scan: Scan, config: ExperimentConfig) -> PreparedScan:

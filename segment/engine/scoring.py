@@ -1,10 +1,12 @@
 """Scoring a model on labelled cases: Dice on the cached validation volumes while it trains,
-and every metric on scans read from disk, under each skip mask of an ablation."""
+and every metric on scans read from disk, under each skip mask of an ablation and after each
+post-processing asked for."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,6 +18,7 @@ from segment.data.tasks import case_id
 from segment.engine.device import Runtime
 from segment.engine.inference import FeatureCache, predict_labels, predict_logits
 from segment.engine.metrics import CaseScores, default_nsd_tolerance, dice_per_label, score_case
+from segment.engine.postprocessing import PostProcessing, postprocess
 from segment.engine.preparation import prepare
 from segment.io import Scan, ScanError, check_label_matches, read_scan
 from segment.models import Segmenter, SkipMask
@@ -66,6 +69,15 @@ def ablation_masks(built: Sequence[bool], full_sweep: bool = False) -> list[tupl
     return list(dict.fromkeys(masks))
 
 
+@dataclass
+class ScoredCases:
+    """Per-case scores under each skip mask, and of the model's own mask (the first skip mask)
+    after each post-processing."""
+
+    by_skip_mask: dict[tuple[int, ...], list[CaseScores]]
+    by_postprocessing: dict[PostProcessing, list[CaseScores]] = field(default_factory=dict)
+
+
 def score_cases(
     model: Segmenter,
     config: ExperimentConfig,
@@ -75,14 +87,16 @@ def score_cases(
     skip_masks: list[tuple[int, ...]],
     progress: bool = False,
     nsd_tolerance: float | None = None,
-) -> dict[tuple[int, ...], list[CaseScores]]:
+    postprocessing: Sequence[PostProcessing] = (),
+) -> ScoredCases:
     """Score ``model`` on labelled ``cases`` (dicts with image and label paths) under each skip
-    mask. Each scan is read and prepared once; only the network re-runs per mask, and a
-    whole-volume model only its decoder.
+    mask, and its first mask's prediction after each of ``postprocessing``. Each scan is read
+    and prepared once; only the network re-runs per mask, and a whole-volume model only its
+    decoder.
 
     Without ``nsd_tolerance``, the first scan sets it (:func:`default_nsd_tolerance`) for every
     case, so that all NSDs in a mean count the same distance; the scans must share one unit."""
-    results: dict[tuple[int, ...], list[CaseScores]] = {mask: [] for mask in skip_masks}
+    scored = ScoredCases({mask: [] for mask in skip_masks}, {steps: [] for steps in postprocessing})
     first: Scan | None = None
     for case in tqdm(cases, desc="cases", disable=not progress):
         scan, label = read_scan(case["image"]), read_scan(case["label"])
@@ -98,9 +112,17 @@ def score_cases(
         truth = label.array.round().astype(np.int64)
         prepared = prepare(scan, config)
         cache = FeatureCache()
-        for mask in skip_masks:
+        for index, mask in enumerate(skip_masks):
             prediction = predict_labels(model, prepared, runtime, config, mask, cache=cache)
-            results[mask].append(
+            scored.by_skip_mask[mask].append(
                 score_case(case_id(case), prediction, truth, scan, label_names, nsd_tolerance)
             )
-    return results
+            if index > 0:
+                continue
+            voxel_volume = float(np.prod(scan.spacing))
+            for steps in postprocessing:
+                cleaned = postprocess(prediction, voxel_volume, steps)
+                scored.by_postprocessing[steps].append(
+                    score_case(case_id(case), cleaned, truth, scan, label_names, nsd_tolerance)
+                )
+    return scored

@@ -15,7 +15,8 @@ from segment.atomic import write_atomically
 from segment.config import ConfigError
 from segment.data.tasks import split_task
 from segment.engine.metrics import CaseScores, mean_scores
-from segment.engine.scoring import ablation_masks, score_cases
+from segment.engine.postprocessing import PostProcessing
+from segment.engine.scoring import ScoredCases, ablation_masks, score_cases
 from segment.errors import InputError
 from segment.models import split_mismatch
 from segment.models.sources import MLFLOW_SCHEMES
@@ -47,6 +48,17 @@ class AblationRow:
 
 
 @dataclass(frozen=True)
+class PostProcessingRow:
+    """Mean scores over the cases of the model's own mask after one post-processing."""
+
+    steps: str  # "none", "keep largest", "min size 50 mm³", ...
+    mean_dice: float
+    dice: dict[str, float]
+    hd95: dict[str, float]
+    nsd: dict[str, float]
+
+
+@dataclass(frozen=True)
 class EvaluationReport:
     """Dice, HD95, NSD and volume per label, with the model's own skips, on ``cases`` cases.
 
@@ -66,14 +78,19 @@ class EvaluationReport:
     split: str
     per_case: list[dict] = field(repr=False)
     ablation: list[AblationRow] = field(default_factory=list)  # empty unless ablated
+    # The raw mask ("none") first, then each post-processing asked for; empty unless asked.
+    postprocessing: list[PostProcessingRow] = field(default_factory=list)
     logged_to_run: str | None = None  # the MLflow run the results were logged to
     logging_error: str | None = None  # why logging to that run failed, if it did
 
     def to_dict(self) -> dict:
         """The documented JSON shape (docs/cli.md, ``segment evaluate --json``)."""
-        shape = {key: value for key, value in asdict(self).items() if key not in ("ablation", "logged_to_run", "logging_error")}
+        optional = ("ablation", "postprocessing", "logged_to_run", "logging_error")
+        shape = {key: value for key, value in asdict(self).items() if key not in optional}
         if self.ablation:
             shape["ablation"] = [{**asdict(row), "skip_mask": list(row.skip_mask)} for row in self.ablation]
+        if self.postprocessing:
+            shape["postprocessing"] = [asdict(row) for row in self.postprocessing]
         return shape
 
     def to_json(self) -> str:
@@ -89,27 +106,27 @@ class EvaluationReport:
         return path
 
 
-def _report(model: str, split: str, results: dict[tuple[int, ...], list[CaseScores]], ablated: bool) -> EvaluationReport:
+def _means(cases: list[CaseScores]) -> tuple[float, dict, dict, dict]:
+    """Mean Dice over labels, then the mean Dice, HD95 and NSD of each label over ``cases``."""
+    dice = mean_scores(cases, "dice")
+    return float(np.mean(list(dice.values()))), dice, mean_scores(cases, "hd95"), mean_scores(cases, "nsd")
+
+
+def _report(model: str, split: str, scored: ScoredCases, ablated: bool) -> EvaluationReport:
+    results = scored.by_skip_mask
     masks = list(results)
     baseline = results[masks[0]]
-
-    def row(mask: tuple[int, ...]) -> AblationRow:
-        dice = mean_scores(results[mask], "dice")
-        return AblationRow(
-            mask,
-            float(np.mean(list(dice.values()))),
-            dice,
-            mean_scores(results[mask], "hd95"),
-            mean_scores(results[mask], "nsd"),
-        )
-
-    rows = [row(mask) for mask in masks]  # one mask unless ablated
+    rows = [AblationRow(mask, *_means(results[mask])) for mask in masks]  # one mask unless ablated
     first = rows[0]
+    unit = baseline[0].unit
+    cleaned = [
+        PostProcessingRow(steps.describe(unit), *_means(cases)) for steps, cases in scored.by_postprocessing.items()
+    ]
     return EvaluationReport(
         model=model,
         split=split,
         cases=len(baseline),
-        unit=baseline[0].unit,
+        unit=unit,
         mean_dice=first.mean_dice,
         dice=first.dice,
         hd95=first.hd95,
@@ -119,6 +136,7 @@ def _report(model: str, split: str, results: dict[tuple[int, ...], list[CaseScor
         volume_unit=baseline[0].volume_unit,
         per_case=[{metric: getattr(case, metric) for metric in ("case", *CaseScores.METRICS)} for case in baseline],
         ablation=rows if ablated else [],
+        postprocessing=[PostProcessingRow("none", *_means(baseline)), *cleaned] if cleaned else [],
     )
 
 
@@ -129,6 +147,7 @@ def _score(
     full_sweep: bool | None,
     max_cases: int | None = None,
     nsd_tolerance: float | None = None,
+    postprocessing: PostProcessing | None = None,
     device: str = "auto",
     tracking_uri: str | None = None,
     progress: bool = True,
@@ -161,10 +180,11 @@ def _score(
         raise InputError(f"{data} has no labelled cases to score.")
     built = loaded.network.resolve_skip_mask(None)
     masks = ablation_masks(built, full_sweep) if full_sweep is not None else [tuple(int(on) for on in built)]
-    results = score_cases(
-        loaded.network, config, cases, loaded.runtime, task.label_names, masks, progress, nsd_tolerance
+    variants = postprocessing.variants() if postprocessing is not None else []
+    scored = score_cases(
+        loaded.network, config, cases, loaded.runtime, task.label_names, masks, progress, nsd_tolerance, variants
     )
-    report = _report(model, split, results, ablated=full_sweep is not None)
+    report = _report(model, split, scored, ablated=full_sweep is not None)
     return _log(report, tracking_uri)
 
 
@@ -190,8 +210,10 @@ def evaluate(model: str, data: str | Path, split: str = "all", **options) -> Eva
     split (``"val"``). ``nsd_tolerance`` is in the scans' unit; by default 1 mm, or two of the
     finest voxels for scans in another unit.
 
-    ``options``: ``max_cases`` (score the first N), ``nsd_tolerance``, ``device`` (auto, cpu
-    or cuda), ``tracking_uri`` (the MLflow store for models:/ and runs:/ URIs), ``progress``."""
+    ``options``: ``max_cases`` (score the first N), ``nsd_tolerance``, ``postprocessing`` (a
+    :class:`~segment.engine.postprocessing.PostProcessing`: each of its steps is also scored,
+    alone and together, beside the raw mask), ``device`` (auto, cpu or cuda), ``tracking_uri``
+    (the MLflow store for models:/ and runs:/ URIs), ``progress``."""
     return _score(model, data, split, None, **options)
 
 

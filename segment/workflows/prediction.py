@@ -6,10 +6,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from segment.atomic import require_writable
-from segment.engine.inference import segment_scan
+import numpy as np
+import torch
+
+from segment.atomic import require_output_file, require_writable
+from segment.engine.inference import predict_labels
+from segment.engine.postprocessing import PostProcessing, postprocess
+from segment.engine.preparation import prepare
+from segment.engine.uncertainty import DEFAULT_SAMPLES, estimate
 from segment.errors import InputError
-from segment.io import SUPPORTED_SUFFIXES, ScanError, read_scan, scan_suffix, write_mask
+from segment.io import (
+    NIFTI_SUFFIXES,
+    SUPPORTED_SUFFIXES,
+    ScanError,
+    read_scan,
+    scan_stem,
+    scan_suffix,
+    write_maps,
+    write_mask,
+)
 from segment.workflows.models import load
 
 
@@ -21,6 +36,8 @@ class PredictedMask:
     mask: Path
     voxels: dict[str, int]
     warnings: list[str] = field(default_factory=list)  # odd but usable input, e.g. NaN voxels repaired
+    maps: dict[str, Path] = field(default_factory=dict)  # "probabilities", "uncertainty": where written
+    samples_from: str | None = None  # how the maps' samples were drawn
 
 
 @dataclass(frozen=True)
@@ -54,12 +71,33 @@ def _targets(input: Path, output: Path) -> list[tuple[Path, Path]]:
     return targets
 
 
+def _map_targets(option: str | Path | None, targets: list[tuple[Path, Path]], what: str) -> list[Path | None]:
+    """Where each scan's ``what`` map goes: the file given for one scan, or the folder given
+    (one ``<scan>.nii.gz`` per scan)."""
+    if option is None:
+        return [None] * len(targets)
+    option = Path(option)
+    if len(targets) == 1 and not option.is_dir():
+        if scan_suffix(option) not in NIFTI_SUFFIXES:
+            raise InputError(f"{option.name}: {what} maps are written as NIfTI; give a .nii.gz or .nii file.")
+        require_output_file(option, f"the {what} map")
+        return [option]
+    if option.exists() and not option.is_dir():
+        raise InputError(f"{option} is a file; give a folder for the {what} maps of a folder of scans.")
+    require_writable(option, f"{what} maps")
+    return [option / f"{scan_stem(source)}.nii.gz" for source, _ in targets]
+
+
 def predict(
     model: str,
     input: str | Path,
     output: str | Path,
     skip_mask: Sequence[int] | None = None,
     *,
+    postprocessing: PostProcessing | None = None,
+    probabilities: str | Path | None = None,
+    uncertainty: str | Path | None = None,
+    samples: int = DEFAULT_SAMPLES,
     device: str = "auto",
     tracking_uri: str | None = None,
     progress: bool = True,
@@ -67,21 +105,44 @@ def predict(
     """Segment a scan (``.nii``, ``.nii.gz``, ``.nrrd``, ``.mha``) or a folder of them.
 
     ``skip_mask`` switches long skips on (1) or off (0), finest level first; None keeps the
-    model's own. In a folder, a scan that cannot be used is skipped and named in
-    ``skipped``; a single scan that cannot be used raises :class:`ScanError`."""
+    model's own. ``postprocessing`` cleans each mask before it is written (keep each label's
+    largest component, drop components under a minimum size).
+
+    ``probabilities`` (a file, or a folder for a folder of scans) gets a NIfTI of the mean
+    softmax, one channel per label, on the scan's voxels; ``uncertainty`` gets the entropy
+    and, from an ensemble's members or ``samples`` skip settings of a skip-dropout model,
+    their disagreement (:mod:`segment.engine.uncertainty`; values in [0, 1] stored as scaled
+    uint16, :func:`segment.io.write_maps`).
+
+    In a folder, a scan that cannot be used is skipped and named in ``skipped``; a single scan
+    that cannot be used raises :class:`ScanError`."""
     targets = _targets(Path(input), Path(output))
+    probability_paths = _map_targets(probabilities, targets, "probability")
+    uncertainty_paths = _map_targets(uncertainty, targets, "uncertainty")
+    if samples < 1:
+        raise InputError(f"--samples {samples}: give at least 1.")
     loaded = load(model, tracking_uri=tracking_uri, device=device)
     if skip_mask is not None:
         loaded.network.resolve_skip_mask(skip_mask)  # the wrong length fails before any scan is read
-    label_names = loaded.config.label_names
+    network, config, runtime = loaded.network, loaded.config, loaded.runtime
+    label_names = config.label_names
     masks, skipped = [], []
-    for source, target in targets:
+    for (source, target), probability_path, uncertainty_path in zip(
+        targets, probability_paths, uncertainty_paths, strict=True
+    ):
+        maps: dict[str, Path] = {}
         try:
             scan = read_scan(source)
-            labels = segment_scan(
-                loaded.network, loaded.config, scan, loaded.runtime, skip_mask, progress=progress and len(targets) == 1
+            prepared = prepare(scan, config)
+            labels = predict_labels(
+                network, prepared, runtime, config, skip_mask, progress=progress and len(targets) == 1
             )
+            if postprocessing is not None:
+                labels = postprocess(labels, float(np.prod(scan.spacing)), postprocessing)
             write_mask(labels, scan, target, label_names)
+            if probability_path or uncertainty_path:
+                found = estimate(network, prepared.volume, runtime, config, skip_mask, samples)
+                maps = _write_maps(found, prepared, scan, label_names, probability_path, uncertainty_path)
         except OSError as error:
             raise InputError(f"Cannot write {target}: {error.strerror or error}.") from None
         except ScanError as error:
@@ -90,5 +151,23 @@ def predict(
             skipped.append(str(error))
             continue
         voxels = {name: int((labels == value).sum()) for value, name in label_names.items() if value > 0}
-        masks.append(PredictedMask(source, target, voxels, list(scan.warnings)))
+        masks.append(
+            PredictedMask(
+                source, target, voxels, list(scan.warnings), maps, found.source if maps else None
+            )
+        )
     return PredictionResult(model, masks, skipped)
+
+
+def _write_maps(found, prepared, scan, label_names, probability_path, uncertainty_path) -> dict[str, Path]:
+    written = {}
+    if probability_path is not None:
+        names = ", ".join(label_names[value] for value in sorted(label_names))
+        probabilities = prepared.restore_maps(found.probabilities)
+        written["probabilities"] = write_maps(probabilities, scan, probability_path, f"softmax: {names}")
+    if uncertainty_path is not None:
+        channels = [found.entropy] + ([found.disagreement] if found.disagreement is not None else [])
+        maps = prepared.restore_maps(torch.cat(channels, dim=1))
+        what = "entropy" + (", disagreement" if found.disagreement is not None else "")
+        written["uncertainty"] = write_maps(maps, scan, uncertainty_path, f"{what}; {found.source}")
+    return written
