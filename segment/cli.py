@@ -192,7 +192,10 @@ def runs(
 def predict(
     model: ModelOption,
     input: Annotated[
-        Path, typer.Option("--input", "-i", help="A scan (.nii, .nii.gz, .nrrd, .mha) or a folder of scans.")
+        Path,
+        typer.Option(
+            "--input", "-i", help="A scan (.nii, .nii.gz, .nrrd, .mha), a folder of scans, or a folder of one DICOM series."
+        ),
     ],
     output: Annotated[
         Path, typer.Option("--output", "-o", help="The mask file, or a folder for a folder of scans.")

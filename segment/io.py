@@ -219,6 +219,12 @@ def _read_itk(path: Path) -> Scan:
         raise ScanError(f"{path.name} is not a single-channel 2D or 3D image; give a greyscale scan.")
     if image.GetDimension() == 2:
         image = sitk.JoinSeries(image)
+    return _scan_from_itk(image, path, shape, dims)
+
+
+def _scan_from_itk(image: sitk.Image, path: Path, shape: tuple[int, int, int], dims: int) -> Scan:
+    import SimpleITK as sitk
+
     # SimpleITK's array is (Z, Y, X); ours is (X, Y, Z) as nibabel reads it.
     array = sitk.GetArrayFromImage(image).astype(np.float32).transpose(2, 1, 0).reshape(shape)
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
@@ -226,6 +232,52 @@ def _read_itk(path: Path) -> Scan:
     lps[:3, :3] = direction @ np.diag(image.GetSpacing())
     lps[:3, 3] = image.GetOrigin()
     return Scan(array, LPS_TO_RAS @ lps, path, itk_reference=image, spatial_dims=dims)
+
+
+def dicom_series(folder: Path) -> list[tuple[str, list[str]]]:
+    """The DICOM series GDCM finds in ``folder`` (not below it): (series UID, its files in
+    slice order). Files that are not DICOM are passed over."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    # ITK prints "No Series were found" for a folder without any; the caller says so itself.
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return [
+            (uid, list(reader.GetGDCMSeriesFileNames(str(folder), uid)))
+            for uid in reader.GetGDCMSeriesIDs(str(folder))
+        ]
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _read_dicom(folder: Path) -> Scan:
+    """One DICOM series in ``folder``, read with its geometry by SimpleITK's series reader."""
+    import SimpleITK as sitk
+
+    series = dicom_series(folder)
+    if not series:
+        raise ScanError(
+            f"{folder.name}/ holds no DICOM series and no scans; give a folder of one DICOM series, "
+            f"or scans ({', '.join(SUPPORTED_SUFFIXES)})."
+        )
+    if len(series) > 1:
+        listed = "; ".join(f"{uid} ({len(files)} files)" for uid, files in series)
+        raise ScanError(f"{folder.name}/ holds {len(series)} DICOM series, give one per folder: {listed}.")
+    files = series[0][1]
+    try:
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(files)
+        image = reader.Execute()
+    except RuntimeError as error:
+        raise ScanError(
+            f"{folder.name}/ is not a readable DICOM series ({str(error).strip().splitlines()[-1]})."
+        ) from None
+    if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
+        raise ScanError(f"{folder.name}/ is not a greyscale 3D DICOM series; give a CT or MR series.")
+    shape, dims = _volume_shape(image.GetSize(), folder)
+    return _scan_from_itk(image, folder, shape, dims)
 
 
 def _check_geometry(scan: Scan) -> None:
@@ -246,16 +298,20 @@ def _check_geometry(scan: Scan) -> None:
 
 
 def read_scan(path: str | Path) -> Scan:
-    """Read a NIfTI, NRRD or MHA scan; :class:`ScanError` with one sentence if it is unusable."""
+    """Read a NIfTI, NRRD or MHA scan, or a folder holding one DICOM series; :class:`ScanError`
+    with one sentence if it is unusable."""
     path = Path(path)
     suffix = scan_suffix(path)
-    if not suffix:
+    if path.is_dir():
+        scan = _read_dicom(path)
+    elif not suffix:
         raise ScanError(f"{path.name} is not a supported scan; use {', '.join(SUPPORTED_SUFFIXES)}.")
-    if not path.is_file():
+    elif not path.is_file():
         raise ScanError(f"{path} does not exist.")
-    if path.stat().st_size == 0:
+    elif path.stat().st_size == 0:
         raise ScanError(f"{path.name} is empty; give a scan ({', '.join(SUPPORTED_SUFFIXES)}).")
-    scan = _read_nifti(path) if suffix in NIFTI_SUFFIXES else _read_itk(path)
+    else:
+        scan = _read_nifti(path) if suffix in NIFTI_SUFFIXES else _read_itk(path)
     _check_geometry(scan)
     non_finite = ~np.isfinite(scan.array)
     if non_finite.all():

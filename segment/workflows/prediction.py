@@ -48,12 +48,20 @@ class PredictionResult:
 
 
 def _targets(input: Path, output: Path) -> list[tuple[Path, Path]]:
-    """(scan, mask file) pairs: one scan to a file (or into a folder), or a folder to a folder."""
+    """(scan, mask file) pairs: one scan, or a folder of one DICOM series, to a file (or into a
+    folder); or a folder of scans to a folder."""
     suffixes = ", ".join(SUPPORTED_SUFFIXES)
-    if input.is_dir():
-        scans = sorted(path for path in input.iterdir() if scan_suffix(path))
-        if not scans:
-            raise InputError(f"{input} holds no scans ({suffixes}).")
+    scans = sorted(path for path in input.iterdir() if scan_suffix(path)) if input.is_dir() else []
+    if input.is_dir() and not any(input.iterdir()):
+        raise InputError(f"{input} is empty; give scans ({suffixes}) or a folder of one DICOM series.")
+    if input.is_dir() and not scans:
+        # A folder without scans is read as one DICOM series (read_scan says why if it is not).
+        if output.is_dir():
+            output = output / f"{input.name}.nii.gz"
+        if not scan_suffix(output):
+            raise InputError(f"{output.name}: the mask needs a scan suffix ({suffixes}).")
+        targets = [(input, output)]
+    elif input.is_dir():
         if output.exists() and not output.is_dir():
             raise InputError(f"{output} is a file; give a folder for the masks of a folder of scans.")
         targets = [(scan, output / scan.name) for scan in scans]
@@ -102,7 +110,8 @@ def predict(
     tracking_uri: str | None = None,
     progress: bool = True,
 ) -> PredictionResult:
-    """Segment a scan (``.nii``, ``.nii.gz``, ``.nrrd``, ``.mha``) or a folder of them.
+    """Segment a scan (``.nii``, ``.nii.gz``, ``.nrrd``, ``.mha``, or a folder holding one DICOM
+    series) or a folder of scans.
 
     ``skip_mask`` switches long skips on (1) or off (0), finest level first; None keeps the
     model's own. ``postprocessing`` cleans each mask before it is written (keep each label's
