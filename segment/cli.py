@@ -329,16 +329,27 @@ def ensemble(
 @app.command()
 def export(
     model: Annotated[str, typer.Argument(help="A bundled name, MLflow model URI or model folder.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The new model folder.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The new model folder, or the graph file.")],
+    format: Annotated[
+        str,
+        typer.Option(
+            help="folder: weights and config; onnx or torchscript: one graph file whose inputs are "
+            "the prepared volume and the skip mask."
+        ),
+    ] = "folder",
     float16: Float16Option = False,
     tracking_uri: StoreOption = None,
 ) -> None:
     """Copy a model, or an ensemble, into a folder of its own (weights and config, nothing
-    else), to ship it or use it without the MLflow store."""
+    else), to ship it or use it without the MLflow store; or export it as one ONNX or
+    TorchScript graph with the skip mask as an input."""
     from segment import workflows
 
-    written = workflows.export(model, output, float16=float16, tracking_uri=tracking_uri)
-    typer.echo(f"Wrote {written}; use it as --model {written}")
+    written = workflows.export(model, output, format=format, float16=float16, tracking_uri=tracking_uri)
+    if format == "folder":
+        typer.echo(f"Wrote {written}; use it as --model {written}")
+    else:
+        typer.echo(f"Wrote {written}: inputs image (B, C, X, Y, Z) prepared as config.yaml says, skip_mask (0/1 per skip)")
 
 
 @app.command()
