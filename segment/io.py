@@ -248,8 +248,17 @@ def dicom_series(folder: Path) -> list[tuple[str, list[str]]]:
             (uid, list(reader.GetGDCMSeriesFileNames(str(folder), uid)))
             for uid in reader.GetGDCMSeriesIDs(str(folder))
         ]
+    except RuntimeError as error:
+        raise ScanError(
+            f"{folder.name}/ holds a damaged DICOM file ({_itk_reason(error)}); export the series again."
+        ) from None
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _itk_reason(error: RuntimeError) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else "unreadable").rstrip(".:")
 
 
 def _read_dicom(folder: Path) -> Scan:
@@ -266,18 +275,47 @@ def _read_dicom(folder: Path) -> Scan:
         listed = "; ".join(f"{uid} ({len(files)} files)" for uid, files in series)
         raise ScanError(f"{folder.name}/ holds {len(series)} DICOM series, give one per folder: {listed}.")
     files = series[0][1]
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # uneven slices are refused below instead
     try:
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(files)
         image = reader.Execute()
     except RuntimeError as error:
-        raise ScanError(
-            f"{folder.name}/ is not a readable DICOM series ({str(error).strip().splitlines()[-1]})."
-        ) from None
+        raise ScanError(f"{folder.name}/ is not a readable DICOM series ({_itk_reason(error)}).") from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
         raise ScanError(f"{folder.name}/ is not a greyscale 3D DICOM series; give a CT or MR series.")
+    _check_slice_spacing(reader, image, folder)
     shape, dims = _volume_shape(image.GetSize(), folder)
     return _scan_from_itk(image, folder, shape, dims)
+
+
+def _check_slice_spacing(reader, image, folder: Path) -> None:
+    """Refuse a series whose slices are missing or unevenly spaced: ITK would stack them at one
+    spacing anyway, and a mask written on that grid would sit in the wrong place."""
+    if image.GetDepth() < 3:
+        return
+    normal = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
+    try:
+        positions = [
+            [float(v) for v in reader.GetMetaData(index, "0020|0032").split("\\")]
+            for index in range(image.GetDepth())
+        ]
+        along = np.asarray(positions) @ normal
+    except (RuntimeError, ValueError):
+        raise ScanError(
+            f"{folder.name}/ has slices without a usable position (tag 0020,0032); export the series again."
+        ) from None
+    gaps = np.diff(along)
+    typical = float(np.median(np.abs(gaps)))
+    if typical == 0 or np.max(np.abs(np.abs(gaps) - typical)) > 0.01 * typical + 1e-3:
+        raise ScanError(
+            f"{folder.name}/ has missing or unevenly spaced slices (gaps from {np.min(np.abs(gaps)):.3g} to "
+            f"{np.max(np.abs(gaps)):.3g} mm); give the complete series."
+        )
 
 
 def _check_geometry(scan: Scan) -> None:

@@ -4,6 +4,7 @@ in one sentence."""
 
 from __future__ import annotations
 
+import locale
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from segment.cli import app
@@ -22,6 +25,16 @@ CASE = "hippocampus_001"
 
 def write_series(image: sitk.Image, folder: Path, series_uid: str) -> Path:
     """``image`` as one MR DICOM file per slice, with the geometry tags a scanner writes."""
+    # GDCM's writer sets the process locale to C, which would make every later subprocess's
+    # output decode as ASCII in this test session; the locale is put back afterwards.
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_slices(image, folder, series_uid)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_slices(image: sitk.Image, folder: Path, series_uid: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     image = sitk.Cast(image, sitk.sitkInt16)
     direction = image.GetDirection()
@@ -88,6 +101,15 @@ def test_a_folder_of_two_series_is_refused_listing_both(series, tmp_path):
     assert "1.2.826.0.1.3680043.2.1125.2 (35 files)" in message and "1.2.826.0.1.3680043.2.1125.3 (35 files)" in message
 
 
+def test_a_series_with_a_missing_slice_is_refused_not_stacked_at_the_wrong_spacing(series, tmp_path):
+    folder, _ = series
+    gap = tmp_path / "gap"
+    shutil.copytree(folder, gap)
+    (gap / "slice_017.dcm").unlink()
+    with pytest.raises(ScanError, match=r"^gap/ has missing or unevenly spaced slices \(gaps from 1 to 2 mm\)"):
+        read_scan(gap)
+
+
 def test_a_folder_of_files_that_are_not_dicom_is_refused_in_one_sentence(tmp_path):
     junk = tmp_path / "junk"
     junk.mkdir()
@@ -106,3 +128,41 @@ def test_a_100_slice_series_reads_with_its_spacing(tmp_path):
     scan = read_scan(folder)
     assert scan.array.shape == (256, 256, 100)
     np.testing.assert_allclose(scan.spacing, (0.9, 0.9, 2.0), atol=1e-5)
+
+
+DICOM_FUZZ = settings(
+    max_examples=120,
+    deadline=None,
+    derandomize=True,  # the same examples on every run: CI stays deterministic
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+
+@DICOM_FUZZ
+@given(choices=st.data())
+def test_read_scan_survives_damaged_dicom_files(series, tmp_path_factory, choices):
+    """Bytes of some slices overwritten (their headers mostly), slices cut short or dropped:
+    a scan with usable geometry comes back, or one ScanError sentence; nothing else."""
+    folder, _ = series
+    damaged = tmp_path_factory.mktemp("damaged")
+    files = sorted(folder.iterdir())
+    for index, path in enumerate(files):
+        content = bytearray(path.read_bytes())
+        action = choices.draw(st.sampled_from(["keep", "keep", "overwrite", "truncate", "drop"]), label=f"slice {index}")
+        if action == "drop":
+            continue
+        if action == "overwrite":
+            start = choices.draw(st.integers(0, min(len(content), 1200) - 1), label="at")
+            patch = choices.draw(st.binary(min_size=1, max_size=32), label="bytes")
+            content[start : start + len(patch)] = patch
+        if action == "truncate":
+            content = content[: choices.draw(st.integers(0, len(content) - 1), label="length")]
+        (damaged / path.name).write_bytes(bytes(content))
+    try:
+        scan = read_scan(damaged)
+    except ScanError as error:
+        message = str(error)
+        assert message.endswith(".") and "\n" not in message
+        return
+    assert np.isfinite(scan.affine).all() and scan.array.ndim == 3
