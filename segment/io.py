@@ -212,9 +212,7 @@ def _read_itk(path: Path) -> Scan:
     except ScanError:
         raise
     except RuntimeError as error:
-        raise ScanError(
-            f"{path.name} is not a readable {scan_suffix(path)} file ({str(error).strip().splitlines()[-1]})."
-        ) from None
+        raise ScanError(f"{path.name} is not a readable {scan_suffix(path)} file ({_itk_reason(error)}).") from None
     if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() not in (2, 3):
         raise ScanError(f"{path.name} is not a single-channel 2D or 3D image; give a greyscale scan.")
     if image.GetDimension() == 2:

@@ -110,6 +110,14 @@ def evaluation_text(report: EvaluationReport) -> str:
     return "\n".join(lines)
 
 
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "| --- " * len(header) + "|",
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
 def evaluation_markdown(report: EvaluationReport) -> str:
     labels = list(report.dice)
     lines = [
@@ -125,27 +133,23 @@ def evaluation_markdown(report: EvaluationReport) -> str:
             f"{report.nsd[label]:.4f} | {report.volume[label]:.4g} |"
         )
     if report.ablation:
-        lines += [
-            "",
-            "| skip mask (finest first) | mean Dice | "
-            + " | ".join(f"NSD {label}" for label in labels)
-            + " |",
-            "| --- " * (2 + len(labels)) + "|",
+        header = ["skip mask (finest first)", "mean Dice", *(f"NSD {label}" for label in labels)]
+        cells = [
+            [row.mask_text, f"{row.mean_dice:.4f}", *(f"{row.nsd[label]:.4f}" for label in labels)]
+            for row in report.ablation
         ]
-        for row in report.ablation:
-            nsd = " | ".join(f"{row.nsd[label]:.4f}" for label in labels)
-            lines.append(f"| {row.mask_text} | {row.mean_dice:.4f} | {nsd} |")
+        lines += ["", *_markdown_table(header, cells)]
     if report.postprocessing:
-        lines += [
-            "",
-            "| post-processing | mean Dice | "
-            + " | ".join(f"HD95 {label} | NSD {label}" for label in labels)
-            + " |",
-            "| --- " * (2 + 2 * len(labels)) + "|",
+        header = ["post-processing", "mean Dice", *(f"{m} {label}" for label in labels for m in ("HD95", "NSD"))]
+        cells = [
+            [
+                row.steps,
+                f"{row.mean_dice:.4f}",
+                *(value for label in labels for value in (f"{row.hd95[label]:.2f}", f"{row.nsd[label]:.4f}")),
+            ]
+            for row in report.postprocessing
         ]
-        for row in report.postprocessing:
-            scores = " | ".join(f"{row.hd95[label]:.2f} | {row.nsd[label]:.4f}" for label in labels)
-            lines.append(f"| {row.steps} | {row.mean_dice:.4f} | {scores} |")
+        lines += ["", *_markdown_table(header, cells)]
     return "\n".join(lines) + "\n"
 
 
