@@ -223,6 +223,13 @@ def predict(
     samples: Annotated[
         int, typer.Option(help="Skip settings drawn for --probabilities/--uncertainty of a skip-dropout model.")
     ] = 8,
+    output_format: Annotated[
+        str,
+        typer.Option(
+            help="nifti: a mask in the --output file's format (.nii.gz, .nrrd, .mha); dicom-seg: for a "
+            "DICOM series folder, a DICOM SEG (.dcm) referencing the series."
+        ),
+    ] = "nifti",
     device: DeviceOption = "auto",
     tracking_uri: StoreOption = None,
 ) -> None:
@@ -238,6 +245,7 @@ def predict(
         probabilities=probabilities,
         uncertainty=uncertainty,
         samples=samples,
+        output_format=output_format,
         device=device,
         tracking_uri=tracking_uri,
     )

@@ -1,14 +1,20 @@
 """DICOM in: a real hippocampus scan written out as a DICOM series gives, through `segment
 predict`, the mask the NIfTI gives, voxel for voxel; folders that are not one series are refused
-in one sentence."""
+in one sentence. DICOM out: the mask as a DICOM SEG whose frames, placed by their source images'
+geometry alone, hold the NIfTI mask's labels voxel for voxel."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import highdicom as hd
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 from dicom_series import write_series
@@ -16,11 +22,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from segment import workflows
 from segment.cli import app
+from segment.dicom_seg import write_segmentation
+from segment.errors import InputError
 from segment.io import ScanError, read_scan
 
 MODEL = "hippocampus_3d"
 CASE = "hippocampus_001"
+SERIES_UID = "1.2.826.0.1.3680043.2.1125.2"
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +38,21 @@ def series(hippocampus_root, tmp_path_factory) -> tuple[Path, Path]:
     """The shared case as a DICOM series, and the same voxels as a NIfTI."""
     source = hippocampus_root / "Task04_Hippocampus" / "imagesTr" / f"{CASE}.nii.gz"
     folder = tmp_path_factory.mktemp("dicom")
-    return write_series(sitk.ReadImage(str(source)), folder / "series", "1.2.826.0.1.3680043.2.1125.2"), source
+    return write_series(sitk.ReadImage(str(source)), folder / "series", SERIES_UID), source
+
+
+@pytest.fixture(scope="module")
+def scanner_series(series, tmp_path_factory) -> tuple[Path, Path]:
+    """The series with the Frame of Reference UID every scanner writes (and a SEG must share),
+    which SimpleITK's writer leaves out."""
+    folder, nifti = series
+    copy = tmp_path_factory.mktemp("scanner") / "mr"
+    copy.mkdir()
+    for path in folder.iterdir():
+        dataset = pydicom.dcmread(path)
+        dataset.FrameOfReferenceUID = "1.2.826.0.1.3680043.2.1125.5"
+        dataset.save_as(copy / path.name)
+    return copy, nifti
 
 
 def test_a_dicom_series_reads_with_the_niftis_voxels_and_geometry(series):
@@ -130,3 +154,130 @@ def test_read_scan_survives_damaged_dicom_files(series, tmp_path_factory, choice
         assert message.endswith(".") and "\n" not in message
         return
     assert np.isfinite(scan.affine).all() and scan.array.ndim == 3
+
+
+def _labels_under_pixels(source: pydicom.Dataset, mask: nib.Nifti1Image) -> tuple[np.ndarray, int]:
+    """The NIfTI mask's labels under each pixel of DICOM image ``source``, found from the two
+    files' geometry alone (pixel -> patient LPS -> RAS -> NIfTI voxel), and the mask slice."""
+    row_step, column_step = (float(step) for step in source.PixelSpacing)
+    along_row, along_column = np.reshape(np.asarray(source.ImageOrientationPatient, dtype=float), (2, 3))
+    rows, columns = np.mgrid[: source.Rows, : source.Columns]
+    lps = (
+        np.asarray(source.ImagePositionPatient, dtype=float)
+        + columns[..., None] * column_step * along_row
+        + rows[..., None] * row_step * along_column
+    )
+    index = nib.affines.apply_affine(np.linalg.inv(mask.affine), lps * [-1, -1, 1])
+    np.testing.assert_allclose(index, np.round(index), atol=1e-3)
+    i, j, k = np.round(index).astype(int).transpose(2, 0, 1)
+    assert (index > -0.5).all() and (np.round(index) < mask.shape).all()
+    assert len(np.unique(k)) == 1
+    return np.asarray(mask.dataobj)[i, j, k], int(k[0, 0])
+
+
+def test_predict_writes_a_dicom_seg_whose_segments_are_the_niftis_mask_voxel_for_voxel(
+    scanner_series, tmp_path
+):
+    folder, nifti = scanner_series
+    result = CliRunner().invoke(
+        app,
+        ["predict", "--model", MODEL, "-i", str(folder), "-o", str(tmp_path), "--output-format", "dicom-seg"],
+    )
+    assert result.exit_code == 0, result.output
+    workflows.predict(MODEL, nifti, tmp_path / "n.nii.gz", progress=False)
+    mask = nib.load(tmp_path / "n.nii.gz")
+    label_names = {
+        int(value): name for value, name in json.loads((tmp_path / "n.labels.json").read_text()).items()
+    }
+    written = tmp_path / "mr.seg.dcm"
+    assert result.output.startswith(f"{written}: ")
+
+    dataset = pydicom.dcmread(written)
+    assert dataset.Modality == "SEG" and dataset.SegmentationType == "BINARY"
+    assert [item.SeriesInstanceUID for item in dataset.ReferencedSeriesSequence] == [SERIES_UID]
+    assert dataset.FrameOfReferenceUID == "1.2.826.0.1.3680043.2.1125.5"
+    segments = dataset.SegmentSequence
+    assert [item.SegmentLabel for item in segments] == [label_names[1], label_names[2]]
+    assert {item.SegmentAlgorithmType for item in segments} == {"AUTOMATIC"}
+    assert {item.SegmentAlgorithmName for item in segments} == {"segment"}
+    assert {item.SegmentedPropertyTypeCodeSequence[0].CodeMeaning for item in segments} == {"Tissue"}
+
+    seg = hd.seg.segread(written)
+    sources = [pydicom.dcmread(path, stop_before_pixels=True) for path in sorted(folder.iterdir())]
+    frames = seg.get_pixels_by_source_instance([source.SOPInstanceUID for source in sources])
+    seen = set()
+    for source, pixels in zip(sources, frames, strict=True):
+        expected, slice_ = _labels_under_pixels(source, mask)
+        seen.add(slice_)
+        for channel, value in enumerate((1, 2)):  # segments 1 and 2 are labels 1 and 2
+            np.testing.assert_array_equal(pixels[..., channel], expected == value)
+    assert seen == set(range(mask.shape[2]))
+    assert all((np.asarray(mask.dataobj) == value).sum() > 1000 for value in (1, 2))
+
+
+def test_a_nifti_input_is_refused_for_a_dicom_seg_in_one_sentence(series, tmp_path):
+    _, nifti = series
+    output = tmp_path / "mask.dcm"
+    result = CliRunner().invoke(
+        app,
+        ["predict", "--model", MODEL, "-i", str(nifti), "-o", str(output), "--output-format", "dicom-seg"],
+    )
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        f"Error: {nifti.name} is not a folder of one DICOM series, and a DICOM SEG can only reference "
+        "DICOM images; give the series folder, or --output-format nifti."
+    )
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_dicom_seg_goes_to_a_dcm_file_outside_the_series_folder(scanner_series, tmp_path):
+    folder, _ = scanner_series
+    with pytest.raises(
+        InputError, match=r"^mask.nii.gz: a DICOM SEG is a .dcm file; give a file name ending in .dcm"
+    ):
+        workflows.predict(MODEL, folder, tmp_path / "mask.nii.gz", output_format="dicom-seg")
+    with pytest.raises(InputError, match="is inside the series folder it segments"):
+        workflows.predict(MODEL, folder, folder, output_format="dicom-seg")
+
+
+def test_one_voxel_lands_on_its_source_frame_and_pixel_and_an_empty_label_keeps_its_segment(
+    scanner_series, tmp_path
+):
+    """Without a model: one voxel of label 1 at an (X, Y, Z) of unequal coordinates comes back
+    at row Y, column X of the frame whose source image is file Z; label 2, with no voxels, is
+    described and has no frames."""
+    folder, _ = scanner_series
+    scan = read_scan(folder)
+    mask = np.zeros(scan.array.shape, dtype=np.uint8)
+    mask[7, 30, 21] = 1
+    written = write_segmentation(
+        mask, scan, tmp_path / "one.dcm", {0: "background", 1: "one", 2: "none"}, model="m"
+    )
+    seg = hd.seg.segread(written)
+    assert [item.SegmentLabel for item in seg.SegmentSequence] == ["one", "none"]
+    assert seg.NumberOfFrames == 1
+    source = pydicom.dcmread(sorted(folder.iterdir())[21], stop_before_pixels=True)
+    assert source.InstanceNumber == 22
+    pixels = seg.get_pixels_by_source_instance([source.SOPInstanceUID], combine_segments=False)[0]
+    assert np.argwhere(pixels[..., 0]).tolist() == [[30, 7]] and not pixels[..., 1].any()
+
+
+def test_a_series_without_a_frame_of_reference_is_refused_in_one_sentence(series, tmp_path):
+    folder, _ = series
+    scan = read_scan(folder)
+    with pytest.raises(ScanError) as error:
+        write_segmentation(
+            np.zeros(scan.array.shape, np.uint8), scan, tmp_path / "s.dcm", {0: "bg", 1: "a"}, model="m"
+        )
+    message = str(error.value)
+    assert message.startswith("series/ cannot be referenced by a DICOM SEG (")
+    assert message.endswith("); export the series with complete headers, or write NIfTI.")
+    assert "Frame Of Reference" in message and "\n" not in message
+    assert not any(tmp_path.iterdir())
+
+
+def test_highdicom_is_imported_only_to_write_a_seg():
+    """Training and NIfTI prediction never pay for, or depend on, the DICOM SEG writer."""
+    modules = "segment.cli, segment.workflows, segment.training.loop"
+    code = f"import sys, {modules}; print('highdicom' in sys.modules)"
+    assert subprocess.check_output([sys.executable, "-c", code], text=True, timeout=120).strip() == "False"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from segment.io import (
     write_mask,
 )
 from segment.workflows.models import load
+
+OUTPUT_FORMATS = ("nifti", "dicom-seg")
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,38 @@ def _targets(input: Path, output: Path) -> list[tuple[Path, Path]]:
     return targets
 
 
+def _seg_target(input: Path, output: Path) -> list[tuple[Path, Path]]:
+    """The (series folder, SEG file) pair for a DICOM SEG: a SEG references the DICOM images it
+    segments, so its input can only be a folder of one DICOM series."""
+    if not input.exists():
+        raise InputError(f"{input} does not exist.")
+    if not input.is_dir() or any(scan_suffix(path) for path in input.iterdir()):
+        raise InputError(
+            f"{input.name} is not a folder of one DICOM series, and a DICOM SEG can only reference "
+            "DICOM images; give the series folder, or --output-format nifti."
+        )
+    if output.is_dir():
+        output = output / f"{input.name}.seg.dcm"
+    if output.suffix.lower() != ".dcm":
+        raise InputError(
+            f"{output.name}: a DICOM SEG is a .dcm file; give a file name ending in .dcm, or a folder."
+        )
+    if output.resolve().is_relative_to(input.resolve()):
+        # The SEG is a series of its own: inside the folder it would make it two series.
+        raise InputError(f"{output} is inside the series folder it segments; write the DICOM SEG elsewhere.")
+    require_writable(output.parent, "the DICOM SEG")
+    return [(input, output)]
+
+
+def _mask_writer(output_format: str, model: str, skip_mask: Sequence[int] | None) -> Callable[..., Path]:
+    """``write_mask``'s signature, for the format asked for."""
+    if output_format == "nifti":
+        return write_mask
+    from segment.dicom_seg import write_segmentation  # highdicom loads only when a SEG is asked for
+
+    return functools.partial(write_segmentation, model=model, skip_mask=skip_mask)
+
+
 def _map_targets(option: str | Path | None, targets: list[tuple[Path, Path]], what: str) -> list[Path | None]:
     """Where each scan's ``what`` map goes: the file given for one scan, or the folder given
     (one ``<scan>.nii.gz`` per scan)."""
@@ -106,6 +141,7 @@ def predict(
     probabilities: str | Path | None = None,
     uncertainty: str | Path | None = None,
     samples: int = DEFAULT_SAMPLES,
+    output_format: str = "nifti",
     device: str = "auto",
     tracking_uri: str | None = None,
     progress: bool = True,
@@ -123,9 +159,18 @@ def predict(
     their disagreement (:mod:`segment.engine.uncertainty`; values in [0, 1] stored as scaled
     uint16, :func:`segment.io.write_maps`).
 
+    ``output_format`` ``dicom-seg`` writes the mask of a DICOM series folder as a DICOM SEG
+    (``output``: a ``.dcm`` file, or a folder to hold ``<series folder>.seg.dcm``) referencing
+    that series (:mod:`segment.dicom_seg`); the maps stay NIfTI.
+
     In a folder, a scan that cannot be used is skipped and named in ``skipped``; a single scan
     that cannot be used raises :class:`ScanError`."""
-    targets = _targets(Path(input), Path(output))
+    if output_format not in OUTPUT_FORMATS:
+        raise InputError(f"--output-format {output_format}: use {' or '.join(OUTPUT_FORMATS)}.")
+    if output_format == "dicom-seg":
+        targets = _seg_target(Path(input), Path(output))
+    else:
+        targets = _targets(Path(input), Path(output))
     probability_paths = _map_targets(probabilities, targets, "probability")
     uncertainty_paths = _map_targets(uncertainty, targets, "uncertainty")
     if samples < 1:
@@ -135,6 +180,7 @@ def predict(
         loaded.network.resolve_skip_mask(skip_mask)  # the wrong length fails before any scan is read
     network, config, runtime = loaded.network, loaded.config, loaded.runtime
     label_names = config.label_names
+    write = _mask_writer(output_format, model, skip_mask)
     masks, skipped = [], []
     for (source, target), probability_path, uncertainty_path in zip(
         targets, probability_paths, uncertainty_paths, strict=True
@@ -148,7 +194,7 @@ def predict(
             )
             if postprocessing is not None:
                 labels = postprocess(labels, float(np.prod(scan.spacing)), postprocessing)
-            write_mask(labels, scan, target, label_names)
+            write(labels, scan, target, label_names)
             if probability_path or uncertainty_path:
                 found = estimate(network, prepared.volume, runtime, config, skip_mask, samples)
                 maps = _write_maps(found, prepared, scan, label_names, probability_path, uncertainty_path)
