@@ -1,6 +1,7 @@
 """The numbers the viewer shows for a mask, computed without Streamlit: the metrics table
-(volumes, the change against all skips on, the model trained without them, scores against a
-ground truth), the lines that summarise it, and the downloads."""
+(volumes, the change against all skips on, the model trained without them, a second model
+compared, the mean uncertainty, scores against a ground truth), the lines that summarise it,
+and the downloads."""
 
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ METRICS = ("dice", "hd95", "nsd")
 
 @dataclass(frozen=True)
 class PeerMask:
-    """The mask of a model trained without the switched-off skips, beside the switched one."""
+    """Another model's mask of the same scan beside the one shown: the model trained without
+    the switched-off skips, or a second model picked to compare with."""
 
     title: str
     mask: np.ndarray
-    change: MaskChange  # of this mask against the switched-off one
+    change: MaskChange  # of this mask against the one shown
 
 
 def volume_column(scan: Scan) -> str:
@@ -48,10 +50,13 @@ def metrics_table(
     change: MaskChange,
     peer: PeerMask | None = None,
     scores: Mapping[str, CaseScores] | None = None,
+    compared: PeerMask | None = None,
+    uncertainty: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """One row per label (background left out): volume, change and Dice against all skips on,
-    the trained-without model's volume and agreement, and ``<metric> vs truth (<when>)`` for
-    each scored mask in ``scores`` ("now", "all on", "trained without")."""
+    the trained-without model's and the compared model's volume and agreement, the mean
+    uncertainty inside the label, and ``<metric> vs truth (<when>)`` for each scored mask in
+    ``scores`` ("now", "all on", "trained without", "compared")."""
     labels = [(value, name) for value, name in sorted(label_names.items()) if value > 0]
     names = [name for _, name in labels]
     table = pd.DataFrame(
@@ -68,6 +73,16 @@ def metrics_table(
         )
         table["Dice, switched off vs trained without"] = [
             round(peer.change.dice_to_reference[name], 4) for name in names
+        ]
+    if compared is not None:
+        table[f"volume, compared ({scan.volume_unit})"] = _volumes(
+            compared.mask, scan, (value for value, _ in labels)
+        )
+        table["Dice vs compared"] = [round(compared.change.dice_to_reference[name], 4) for name in names]
+    if uncertainty is not None:
+        table["mean uncertainty"] = [
+            round(float(uncertainty[mask == value].mean()), 4) if (mask == value).any() else float("nan")
+            for value, _ in labels
         ]
     # Metric by metric, so that each one's settings stand side by side.
     for metric in METRICS:

@@ -1,6 +1,6 @@
 """What the viewer page shows, computed without Streamlit: the model choices, the skip switches
-and their labels, uploads read under names we choose, the display choices, the mask summary
-and what one session keeps for its scan. Levels are counted from 1 in everything a user sees,
+and their labels, the second model to compare with, the display choices, the mask summary and
+what one session keeps for its scan (uploads are :mod:`segment.app.uploads`'). Levels are counted from 1 in everything a user sees,
 widget keys included. The numbers shown for a mask are :mod:`segment.app.metrics_table`'s.
 
 The page (:mod:`segment.app.viewer`) reads widgets and calls these; each is a plain function or
@@ -9,23 +9,28 @@ a small class that the unit tests call directly.
 
 from __future__ import annotations
 
-import hashlib
-import re
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Generic, Literal, TypeVar
 
 import numpy as np
-from segment.app.rendering import AUTO_PRESET, CT_PRESETS, PLANES, DisplayVolume, label_colour, plane_axis
+from segment.app.metrics_table import PeerMask
+from segment.app.rendering import (
+    AUTO_PRESET,
+    CT_PRESETS,
+    GAINED_COLOUR,
+    LOST_COLOUR,
+    PLANES,
+    DisplayVolume,
+    label_colour,
+    plane_axis,
+)
 
 from segment.config import ExperimentConfig
-from segment.engine.skip_explorer import MaskChange, SkipExplorer
-from segment.io import Scan, ScanError, read_scan
+from segment.engine.skip_explorer import MaskChange, SkipExplorer, UncertaintyMap
+from segment.io import Scan
 from segment.tracking.runs import RegisteredModel, trained_without
 
-NIFTI_NAMES = (".nii", ".nii.gz")
 SKIP_KEY = "skip_level_{level}"  # one switch per long skip, level counted from 1
 T = TypeVar("T")
 
@@ -33,9 +38,13 @@ T = TypeVar("T")
 # --- models -------------------------------------------------------------------------------------
 
 
-def model_choices(bundled: Iterable[str], registered: Sequence[RegisteredModel]) -> dict[str, str]:
-    """Display name -> model spec: bundled models first, then MLflow's registered models."""
+def model_choices(
+    bundled: Iterable[str], registered: Sequence[RegisteredModel], members: Iterable[str] = ()
+) -> dict[str, str]:
+    """Display name -> model spec: bundled models first, the members of bundled ensembles
+    (``hippocampus_3d/member_1``), then MLflow's registered models."""
     choices = {f"{name} (bundled)": name for name in bundled}
+    choices |= {f"{name} (bundled ensemble member)": name for name in members}
     choices |= {model.title: model.uri for model in registered}
     return choices
 
@@ -85,6 +94,28 @@ def peer_for(
         list(registered), config.data.task, config.model.spatial_dims, tuple(int(s) for s in skip_mask)
     )
     return peers[0] if peers else None
+
+
+NO_COMPARISON = "none"
+
+
+def compare_choices(choices: Iterable[str], current: str) -> list[str]:
+    """What the "Compare with" picker offers: nothing, or any model but the one shown."""
+    return [NO_COMPARISON, *(choice for choice in choices if choice != current)]
+
+
+def incomparable(config: ExperimentConfig, other: ExperimentConfig) -> str | None:
+    """Why two models' masks cannot be compared voxel for voxel (their labels differ), or None."""
+    if dict(config.label_names) == dict(other.label_names):
+        return None
+    return (
+        f"{other.name} labels {label_summary(other.label_names)}, not {label_summary(config.label_names)} "
+        f"as {config.name} does; compare two models of one task."
+    )
+
+
+def label_summary(label_names: Mapping[int, str]) -> str:
+    return ", ".join(f"{value} {name}" for value, name in sorted(label_names.items()) if value > 0)
 
 
 def train_without_hint(skip_mask: Sequence[bool]) -> str:
@@ -140,50 +171,7 @@ def skip_switches(config: ExperimentConfig, scan: Scan, built: Sequence[bool]) -
     ]
 
 
-# --- uploads ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Upload:
-    """An uploaded file read as a scan. ``name`` is what the browser sent: it is shown in
-    messages and never used as a path; ``scan.path`` is the name we chose (in a folder since
-    removed)."""
-
-    name: str
-    digest: str
-    scan: Scan
-
-
-def digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def read_upload(name: str, data: bytes, what: str) -> Upload:
-    """Read uploaded bytes as a scan, written under a name we choose (``<what>.nii[.gz]``);
-    ScanError, naming the upload, when they are not a usable NIfTI file."""
-    lowered = name.lower()
-    if not lowered.endswith(NIFTI_NAMES):
-        raise ScanError(f"The {what} {name!r} is not a NIfTI file; upload .nii or .nii.gz.")
-    suffix = ".nii.gz" if lowered.endswith(".nii.gz") else ".nii"
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / f"{what}{suffix}"
-        path.write_bytes(data)
-        try:
-            scan = read_scan(path)
-        except ScanError as error:
-            # The message should name the file the user chose, not our temporary copy.
-            raise ScanError(str(error).replace(path.name, name)) from None
-    return Upload(name, digest(data), scan)
-
-
-def upload_names(message: str, *uploads: Upload | None) -> str:
-    """``message`` with our names for the uploads' files replaced by the names they were
-    uploaded under, in one pass (an upload name may contain another file's name)."""
-    names = {upload.scan.path.name: upload.name for upload in uploads if upload is not None}
-    if not names:
-        return message
-    pattern = "|".join(re.escape(ours) for ours in sorted(names, key=len, reverse=True))
-    return re.sub(pattern, lambda match: names[match.group(0)], message)
+# --- one session's values ---------------------------------------------------------------------
 
 
 class Slot(Generic[T]):
@@ -228,17 +216,42 @@ def visible_planes(shape: Sequence[int]) -> list[str]:
     ] or list(PLANES)
 
 
-def legend_html(label_names: Mapping[int, str]) -> str:
+def legend_html(
+    label_names: Mapping[int, str],
+    colours: Mapping[int, tuple[int, int, int]] | None = None,
+    hidden: frozenset[int] = frozenset(),
+) -> str:
+    """Each shown label's name after a square of its colour (the user's, else the default)."""
     return " ".join(
-        f"<span style='color:rgb{label_colour(value)}'>&#9632;</span> {name}"
+        f"<span style='color:rgb{(colours or {}).get(value) or label_colour(value)}'>&#9632;</span> {name}"
         for value, name in sorted(label_names.items())
-        if value > 0
+        if value > 0 and value not in hidden
     )
 
 
-def mask_summary(skip_mask: Sequence[bool], label_names: Mapping[int, str]) -> str:
+def mask_summary(
+    skip_mask: Sequence[bool],
+    label_names: Mapping[int, str],
+    colours: Mapping[int, tuple[int, int, int]] | None = None,
+    hidden: frozenset[int] = frozenset(),
+) -> str:
     """The line above the mask pictures: its skip mask and the label colours (HTML)."""
-    return f"**Mask** (skips {mask_text(skip_mask)}): {legend_html(label_names)}"
+    return f"**Mask** (skips {mask_text(skip_mask)}): {legend_html(label_names, colours, hidden)}"
+
+
+def difference_legend(shown: str, compared: str) -> str:
+    """The line above the pictures of the voxels where two models' masks differ (HTML)."""
+    return (
+        f"**Where the two differ**: <span style='color:rgb{LOST_COLOUR}'>&#9632;</span> labelled by {shown} "
+        f"only (or otherwise); <span style='color:rgb{GAINED_COLOUR}'>&#9632;</span> labelled by {compared} "
+        "only (or otherwise)."
+    )
+
+
+UNCERTAINTY_LEGEND = (
+    "**Uncertainty**: the entropy of the mean softmax over the model's samples, from transparent "
+    "(certain) through purple to yellow (half the largest entropy possible, and above)."
+)
 
 
 LOST_LEGEND = (
@@ -258,6 +271,16 @@ class Case:
     explorer: SkipExplorer
     display: DisplayVolume
     auto_window: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Extras:
+    """What is shown beside the mask, each when asked for: the model trained without the
+    switched-off skips, a second model compared, the uncertainty map."""
+
+    peer: PeerMask | None
+    compared: PeerMask | None
+    uncertainty: UncertaintyMap | None
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,10 @@ about models or Streamlit."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
+import matplotlib
 import nibabel as nib
 import numpy as np
 from PIL import Image
@@ -25,6 +27,10 @@ LOST_COLOUR = (230, 25, 75)
 GAINED_COLOUR = (66, 212, 244)
 CROSSHAIR_COLOUR = (255, 225, 25)
 TARGET_PIXELS = 360  # longest side of a rendered plane
+HEAT_COLOURS = matplotlib.colormaps["inferno"]
+# Entropy at which the heat map is fully opaque: most voxels are far below it, and the
+# unsure ones (borders between labels) reach it, so the grey anatomy stays visible under them.
+HEAT_FULL = 0.5
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,15 @@ def label_colour(value: int) -> tuple[int, int, int]:
     return _hex_rgb(plots.label_colour(value))
 
 
+def hex_colour(rgb: tuple[int, int, int]) -> str:
+    return "#" + "".join(f"{channel:02x}" for channel in rgb)
+
+
+def rgb_colour(colour: str) -> tuple[int, int, int]:
+    """``#rrggbb`` (what a colour picker gives) -> (r, g, b)."""
+    return _hex_rgb(colour)
+
+
 def outline(mask: np.ndarray) -> np.ndarray:
     """Pixels of ``mask`` that touch a pixel outside it (4-neighbourhood)."""
     padded = np.pad(mask, 1, mode="constant")
@@ -110,6 +125,14 @@ def paint(rgb: np.ndarray, where: np.ndarray, colour: tuple[int, int, int], opac
     rgb[where] = (1.0 - opacity) * rgb[where] + opacity * np.asarray(colour, dtype=np.float32)
 
 
+def paint_heat(rgb: np.ndarray, heat: np.ndarray) -> None:
+    """Blend a heat map of values in [0, 1] over ``rgb``: transparent at 0, opaque from
+    :data:`HEAT_FULL`."""
+    colours = HEAT_COLOURS(np.clip(heat / HEAT_FULL, 0.0, 1.0))[..., :3] * 255.0
+    alpha = np.clip(heat / HEAT_FULL, 0.0, 1.0)[..., None]
+    rgb[:] = (1.0 - alpha) * rgb + alpha * colours
+
+
 def compose(
     grey: np.ndarray,
     labels: np.ndarray | None,
@@ -118,19 +141,25 @@ def compose(
     cross: tuple[int, int] | None = None,
     lost: np.ndarray | None = None,
     gained: np.ndarray | None = None,
+    heat: np.ndarray | None = None,
+    colours: Mapping[int, tuple[int, int, int]] | None = None,
+    hidden: frozenset[int] = frozenset(),
 ) -> np.ndarray:
-    """An RGB uint8 picture: the grey slice, coloured labels (filled or outlined), lost and
-    gained voxels, and the crosshair."""
+    """An RGB uint8 picture: the grey slice, a heat map, coloured labels (filled or outlined;
+    ``colours`` replace the default of a label, ``hidden`` ones are left out), lost and gained
+    voxels, and the crosshair."""
     rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
+    if heat is not None:
+        paint_heat(rgb, heat)
     if labels is not None:
         for value in np.unique(labels):
-            if value == 0:
+            if value == 0 or int(value) in hidden:
                 continue
             region = labels == value
             paint(
                 rgb,
                 region if filled else outline(region),
-                label_colour(int(value)),
+                (colours or {}).get(int(value)) or label_colour(int(value)),
                 opacity if filled else 1.0,
             )
     for changed, colour in ((lost, LOST_COLOUR), (gained, GAINED_COLOUR)):
@@ -164,6 +193,8 @@ class Style:
     width: float
     opacity: float = 0.45
     filled: bool = True  # else outlined
+    colours: Mapping[int, tuple[int, int, int]] = field(default_factory=dict)  # per label, else the default
+    hidden: frozenset[int] = frozenset()  # labels not drawn
 
 
 def plane_picture(
@@ -174,10 +205,11 @@ def plane_picture(
     labels: np.ndarray | None = None,
     lost: np.ndarray | None = None,
     gained: np.ndarray | None = None,
+    heat: np.ndarray | None = None,
 ) -> Image.Image:
     """One plane of ``display`` at ``position`` (RAS voxel indices) with the crosshair, the
-    labels and the lost and gained voxels (arrays already in :meth:`DisplayVolume.same_view`),
-    scaled to its physical aspect ratio."""
+    labels, the lost and gained voxels and a heat map (arrays already in
+    :meth:`DisplayVolume.same_view`), scaled to its physical aspect ratio."""
     index = position[plane_axis(plane)]
 
     def cut(array: np.ndarray | None) -> np.ndarray | None:
@@ -192,6 +224,9 @@ def plane_picture(
         crosshair(plane, position, display.data.shape),
         cut(lost),
         cut(gained),
+        cut(heat),
+        style.colours,
+        style.hidden,
     )
     size = display_size(grey.shape, plane_pixel_mm(plane, display.spacing))
     return Image.fromarray(picture).resize(size, Image.NEAREST)

@@ -11,8 +11,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import streamlit as st
+from segment.app.extra_views import (
+    compare_section,
+    peer_section,
+    uncertainty_section,
+    view_3d_section,
+    views_section,
+)
 from segment.app.metrics_table import (
-    PeerMask,
     against_all_on,
     distance_caption,
     mask_nifti,
@@ -21,70 +27,65 @@ from segment.app.metrics_table import (
 )
 from segment.app.page_state import (
     LOST_LEGEND,
+    UNCERTAINTY_LEGEND,
     Case,
+    Extras,
     Outcome,
-    Slot,
-    Upload,
     default_preset,
-    digest,
+    difference_legend,
     mask_summary,
     model_choices,
-    peer_for,
     preset_window,
-    read_upload,
     skip_switches,
-    train_without_hint,
     training_notice,
-    upload_names,
     visible_planes,
     window_presets,
 )
-from segment.app.rendering import DisplayVolume, Style, auto_window, plane_axis, plane_picture
+from segment.app.rendering import (
+    DisplayVolume,
+    Style,
+    auto_window,
+    hex_colour,
+    label_colour,
+    plane_axis,
+    plane_picture,
+    rgb_colour,
+)
+from segment.app.session import registered_in, session_slot, shared_model
+from segment.app.uploads import (
+    EXAMPLE_CASE,
+    LABEL_TYPES,
+    SCAN_TYPES,
+    Upload,
+    accepted,
+    digest,
+    example_upload,
+    read_upload,
+    upload_names,
+)
 
 from segment.engine.metrics import CaseScores
-from segment.engine.skip_explorer import SkipExplorer
 from segment.errors import SegmentError
 from segment.io import check_label_matches
-from segment.models.sources import bundled_models
-from segment.tracking.runs import RegisteredModel, registered_models
-from segment.tracking.store import TrackingError, resolve_tracking_uri, use_store
-from segment.workflows import LoadedModel, explore, load
+from segment.models.sources import bundled_members, bundled_models
+from segment.tracking.runs import RegisteredModel
+from segment.tracking.store import resolve_tracking_uri
+from segment.workflows import LoadedModel, explore
 
-REGISTRY_TTL_S = 30  # how often the registered models are read again
-
-
-# --- shared across sessions ---------------------------------------------------------------------
-
-
-@st.cache_data(ttl=REGISTRY_TTL_S, show_spinner=False)
-def registered_in(store: str) -> tuple[list[RegisteredModel], str | None]:
-    """MLflow's registered models and, when the store is unusable, none and why."""
-    try:
-        use_store(store)
-        return registered_models(), None
-    except TrackingError as error:  # an unreachable or broken store must not take the viewer down
-        return [], f"MLflow models unavailable. {error}"
-
-
-@st.cache_resource(show_spinner=False)
-def shared_model(spec: str, store: str) -> LoadedModel:
-    """One read-only model per spec and store for every session; skip masks are arguments."""
-    return load(spec, tracking_uri=store)
-
-
-def session_slot(name: str) -> Slot:
-    """A :class:`Slot` of this browser session, kept across reruns."""
-    return st.session_state.setdefault(f"_slot_{name}", Slot())
-
-
-# --- one case: a scan under a model -------------------------------------------------------------
-
-
-# --- sections -----------------------------------------------------------------------------------
+# Streamlit refuses a file over the upload limit in the browser and says why only to screen
+# readers (a 1-pixel alert beside the file's red icon); this shows that sentence to everyone.
+UPLOAD_ALERT_CSS = """<style>
+[data-testid="stFileUploader"] span[role="alert"] {
+  position: static !important; width: auto !important; height: auto !important;
+  clip: auto !important; clip-path: none !important; overflow: visible !important;
+  white-space: normal !important; margin: 0.25rem 0 0 !important; color: rgb(230, 25, 75);
+}
+</style>"""
 
 
 def header_section() -> None:
     st.set_page_config(page_title="segment viewer", layout="wide")
+    st.html(UPLOAD_ALERT_CSS)
     st.title("segment viewer")
     st.caption(
         "Upload a scan, see the predicted mask, switch long skip connections off and see the detail they carried."
@@ -98,9 +99,8 @@ def registry_section(store: str) -> list[RegisteredModel]:
     return registered
 
 
-def model_section(store: str, registered: list[RegisteredModel]) -> LoadedModel:
+def model_section(store: str, choices: dict[str, str]) -> tuple[str, LoadedModel]:
     """The model picker and what switching a skip off means for the chosen model."""
-    choices = model_choices(bundled_models(), registered)
     if not choices:
         st.error("No model available: train one (`make train`) or restore the bundled models.")
         st.stop()
@@ -112,33 +112,56 @@ def model_section(store: str, registered: list[RegisteredModel]) -> LoadedModel:
         st.stop()
     notice = training_notice(model.config)
     getattr(st.sidebar, notice.kind)(notice.text)
-    return model
+    return choice, model
 
 
-def cached_upload(file, what: str) -> Upload:
+def cached_upload(name: str, data: bytes, what: str) -> Upload:
     """The upload read once per content (slider moves rerun the page)."""
-    data = file.getvalue()
-    return session_slot(what).get(digest(data), lambda: read_upload(file.name, data, what))
+    return session_slot(what).get(digest(data), lambda: read_upload(name, data, what))
+
+
+def use_example() -> None:
+    st.session_state["_example"] = True
+
+
+def scan_source() -> tuple[str, bytes]:
+    """(name, bytes) of the scan: the upload, else the example once asked for; stops the page
+    with the upload prompt until there is one."""
+    scan_file = st.file_uploader(f"Scan ({accepted('scan')})", type=list(SCAN_TYPES), key="scan")
+    if scan_file is not None:
+        st.session_state.pop("_example", None)
+        return scan_file.name, scan_file.getvalue()
+    if st.session_state.get("_example"):
+        return example_upload("scan")
+    st.info("Upload a scan to begin, or try the example.")
+    st.button("Try an example", key="try_example", on_click=use_example)
+    st.caption(
+        f"The example is {EXAMPLE_CASE} of the Medical Segmentation Decathlon's hippocampus task "
+        "(CC-BY-SA 4.0, Vanderbilt University Medical Center), which the bundled models never trained on."
+    )
+    st.stop()
 
 
 def upload_section() -> tuple[Upload, np.ndarray | None, Upload | None]:
-    """The scan and the optional ground truth; stops the page until a usable scan is uploaded."""
-    scan_file = st.file_uploader("Scan (.nii or .nii.gz)", type=["nii", "gz"], key="scan")
-    truth_file = st.file_uploader("Ground-truth labels (optional)", type=["nii", "gz"], key="truth")
-    if scan_file is None:
-        st.info("Upload a NIfTI scan to begin.")
-        st.stop()
+    """The scan and the optional ground truth; stops the page until a usable scan is there."""
+    name, data = scan_source()
+    truth_file = st.file_uploader(
+        f"Ground-truth labels (optional; {accepted('labels')})", type=list(LABEL_TYPES), key="truth"
+    )
     try:
-        scan = cached_upload(scan_file, "scan")
+        scan = cached_upload(name, data, "scan")
     except SegmentError as error:
         st.error(str(error))
         st.stop()
     for warning in scan.scan.warnings:
         st.warning(upload_names(warning, scan))
+    truth_source = (truth_file.name, truth_file.getvalue()) if truth_file is not None else None
+    if truth_source is None and st.session_state.get("_example"):
+        truth_source = example_upload("labels")
     truth, labels = None, None
-    if truth_file is not None:
+    if truth_source is not None:
         try:
-            labels = cached_upload(truth_file, "labels")
+            labels = cached_upload(*truth_source, "labels")
             check_label_matches(labels.scan, scan.scan)
             truth = labels.scan.array
         except SegmentError as error:
@@ -189,7 +212,28 @@ def display_section(model: LoadedModel, case: Case) -> Style:
         width = st.sidebar.number_input("Width", value=float(width), min_value=1e-3, key="window_width")
     opacity = st.sidebar.slider("Mask opacity", 0.0, 1.0, 0.45, key="opacity")
     filled = st.sidebar.radio("Mask style", ["filled", "outline"], horizontal=True, key="style") == "filled"
-    return Style(float(level), float(width), opacity, filled)
+    colours, hidden = label_section(model.config.label_names)
+    return Style(float(level), float(width), opacity, filled, colours, hidden)
+
+
+def label_section(label_names: dict[int, str]) -> tuple[dict[int, tuple[int, int, int]], frozenset[int]]:
+    """One visibility switch and one colour per label: (colours, hidden labels)."""
+    st.sidebar.subheader("Labels")
+    colours, hidden = {}, set()
+    for value, name in sorted(label_names.items()):
+        if value == 0:
+            continue
+        shown, colour = st.sidebar.columns([3, 1], vertical_alignment="center")
+        if not shown.checkbox(name, value=True, key=f"label_shown_{value}"):
+            hidden.add(value)
+        picked = colour.color_picker(
+            f"{name} colour",
+            hex_colour(label_colour(value)),
+            key=f"label_colour_{value}",
+            label_visibility="collapsed",
+        )
+        colours[value] = rgb_colour(picked)
+    return colours, frozenset(hidden)
 
 
 def decode_section(case: Case, skip_mask: tuple[bool, ...], built: tuple[bool, ...]) -> Outcome:
@@ -197,39 +241,6 @@ def decode_section(case: Case, skip_mask: tuple[bool, ...], built: tuple[bool, .
         reference = case.explorer.mask(built)
         mask = case.explorer.mask(skip_mask)
     return Outcome(skip_mask, built, mask, reference, case.explorer.compare(mask, reference))
-
-
-def peer_section(
-    store: str,
-    registered: list[RegisteredModel],
-    model: LoadedModel,
-    scan: Upload,
-    outcome: Outcome,
-    case: Case,
-) -> PeerMask | None:
-    """The fair comparison for switched-off skips: a model that never had them, when MLflow
-    has one and the user asks for it side by side."""
-    if not outcome.switched:
-        return None
-    peer = peer_for(registered, model.config, outcome.skip_mask, outcome.built)
-    if peer is None:
-        st.sidebar.caption(train_without_hint(outcome.skip_mask))
-        return None
-    if not st.sidebar.checkbox(f"Side by side: {peer.title}, trained without them", key="side_by_side"):
-        return None
-    try:
-        peer_model = shared_model(peer.uri, store)
-
-        def build() -> SkipExplorer:
-            with st.spinner(f"Segmenting with {peer.name}..."):
-                return explore(peer_model, scan.scan)
-
-        # Like the main explorer, only the current scan's is kept: each caches its features.
-        mask = session_slot("peer").get((scan.digest, peer.uri), build).mask()
-    except SegmentError as error:
-        st.error(upload_names(str(error), scan))
-        return None
-    return PeerMask(peer.title, mask, case.explorer.compare(mask, outcome.mask))
 
 
 def slice_section(display: DisplayVolume) -> tuple[int, int, int]:
@@ -257,29 +268,55 @@ def picture_row(case: Case, position, style: Style, caption: str, **overlays) ->
 
 
 def pictures_section(
-    model: LoadedModel, case: Case, outcome: Outcome, peer: PeerMask | None, position, style: Style
+    model: LoadedModel,
+    case: Case,
+    outcome: Outcome,
+    extra: Extras,
+    position,
+    style: Style,
 ) -> None:
-    """The mask row, the trained-without row and, once a skip is off, the lost/gained row."""
-    st.markdown(mask_summary(outcome.skip_mask, model.config.label_names), unsafe_allow_html=True)
+    """The mask row, then the rows of what was asked for: the trained-without model, the
+    lost/gained voxels once a skip is off, the compared model and where it differs, the
+    uncertainty map."""
+    names = model.config.label_names
+    st.markdown(mask_summary(outcome.skip_mask, names, style.colours, style.hidden), unsafe_allow_html=True)
     picture_row(case, position, style, "{plane}", labels=outcome.mask)
-    if peer is not None:
-        st.markdown(f"**Trained without these skips**: {peer.title}")
-        picture_row(case, position, style, "{plane}: trained without", labels=peer.mask)
+    if extra.peer is not None:
+        st.markdown(f"**Trained without these skips**: {extra.peer.title}")
+        picture_row(case, position, style, "{plane}: trained without", labels=extra.peer.mask)
     if outcome.switched:
         st.markdown(LOST_LEGEND, unsafe_allow_html=True)
         change = outcome.change
         picture_row(case, position, style, "{plane}: lost / gained", lost=change.lost, gained=change.gained)
+    if extra.compared is not None:
+        compared = extra.compared
+        st.markdown(f"**Compared with** {compared.title}", unsafe_allow_html=True)
+        picture_row(case, position, style, "{plane}: compared", labels=compared.mask)
+        st.markdown(difference_legend("the model shown", compared.title), unsafe_allow_html=True)
+        picture_row(
+            case,
+            position,
+            style,
+            "{plane}: differences",
+            lost=compared.change.lost,
+            gained=compared.change.gained,
+        )
+    if extra.uncertainty is not None:
+        st.markdown(f"{UNCERTAINTY_LEGEND} Samples: {extra.uncertainty.source}.")
+        picture_row(case, position, style, "{plane}: uncertainty", heat=extra.uncertainty.entropy)
 
 
 def scores_against(
-    case: Case, outcome: Outcome, peer: PeerMask | None, truth: np.ndarray | None, scan: Upload, labels
+    case: Case, outcome: Outcome, extra: Extras, truth: np.ndarray | None, scan: Upload, labels
 ) -> dict[str, CaseScores]:
     """Each shown mask scored against the ground truth; none (and an error) when it does not fit."""
     if truth is None:
         return {}
     masks = {"now": outcome.mask, "all on": outcome.reference}
-    if peer is not None:
-        masks["trained without"] = peer.mask
+    if extra.peer is not None:
+        masks["trained without"] = extra.peer.mask
+    if extra.compared is not None:
+        masks["compared"] = extra.compared.mask
     try:
         return {when: case.explorer.score(mask, truth) for when, mask in masks.items()}
     except SegmentError as error:
@@ -291,16 +328,19 @@ def metrics_section(
     model: LoadedModel,
     case: Case,
     outcome: Outcome,
-    peer: PeerMask | None,
+    extra: Extras,
     truth: np.ndarray | None,
     scan: Upload,
     labels: Upload | None,
 ) -> pd.DataFrame:
     """The "Against all skips on" line, the metrics table and the unit of its distances."""
     names, volume = model.config.label_names, case.explorer.scan
-    st.markdown(against_all_on(metrics_table(names, volume, outcome.mask, outcome.change, peer), volume))
-    scores = scores_against(case, outcome, peer, truth, scan, labels)
-    table = metrics_table(names, volume, outcome.mask, outcome.change, peer, scores)
+    st.markdown(against_all_on(metrics_table(names, volume, outcome.mask, outcome.change), volume))
+    scores = scores_against(case, outcome, extra, truth, scan, labels)
+    entropy = extra.uncertainty.entropy if extra.uncertainty is not None else None
+    table = metrics_table(
+        names, volume, outcome.mask, outcome.change, extra.peer, scores, extra.compared, entropy
+    )
     st.dataframe(table, hide_index=True)
     caption = distance_caption(scores, volume)
     if caption:
@@ -330,16 +370,21 @@ def main() -> None:
     header_section()
     store = resolve_tracking_uri()
     registered = registry_section(store)
-    model = model_section(store, registered)
+    choices = model_choices(bundled_models(), registered, bundled_members())
+    choice, model = model_section(store, choices)
     scan, truth, labels = upload_section()
     case = case_section(model, scan)
     skip_mask, built = skip_section(model, scan)
-    style = display_section(model, case)
     outcome = decode_section(case, skip_mask, built)
     peer = peer_section(store, registered, model, scan, outcome, case)
+    compared = compare_section(store, choices, choice, model, scan, case, outcome)
+    show_uncertainty, show_3d = views_section()
+    extra = Extras(peer, compared, uncertainty_section(case, outcome, show_uncertainty))
+    style = display_section(model, case)
     position = slice_section(case.display)
-    pictures_section(model, case, outcome, peer, position, style)
-    table = metrics_section(model, case, outcome, peer, truth, scan, labels)
+    pictures_section(model, case, outcome, extra, position, style)
+    view_3d_section(model, case, outcome, style, scan, show_3d)
+    table = metrics_section(model, case, outcome, extra, truth, scan, labels)
     downloads_section(model, case, outcome, table)
 
 

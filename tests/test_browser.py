@@ -9,10 +9,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
+import SimpleITK as sitk
 from conftest import ROOT, free_port
+from dicom_series import write_series
 
 pytestmark = pytest.mark.slow
 
@@ -25,6 +28,8 @@ CHROMIUM_ARGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    # WebGL (the 3D view) in software: Chromium no longer falls back to it by itself.
+    "--enable-unsafe-swiftshader",
 ]
 
 
@@ -38,8 +43,8 @@ def chromium_path() -> str:
     return CHROMIUM
 
 
-@pytest.fixture
-def server(tmp_path):
+def serve(tmp_path: Path, *flags: str):
+    """The viewer served on a free port of 127.0.0.1 with Streamlit ``flags``: (its URL, the process)."""
     port = free_port()
     env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     command = [
@@ -56,6 +61,7 @@ def server(tmp_path):
         "true",
         "--browser.gatherUsageStats",
         "false",
+        *flags,
     ]
     process = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -66,15 +72,38 @@ def server(tmp_path):
         try:
             with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as answer:
                 if answer.status == 200:
-                    break
+                    return url, process
         except OSError:
             time.sleep(0.3)
-    else:
-        process.kill()
-        pytest.fail("the viewer did not answer /_stcore/health within 60 s")
+    process.kill()
+    pytest.fail("the viewer did not answer /_stcore/health within 60 s")
+
+
+@pytest.fixture
+def server(tmp_path):
+    url, process = serve(tmp_path)
     yield url
     process.terminate()
     process.wait(timeout=30)
+
+
+@pytest.fixture
+def shots(tmp_path) -> Path:
+    """Where screenshots go: $SEGMENT_SCREENSHOTS (docs/images when the docs' pictures are
+    retaken), else the test's own folder."""
+    folder = Path(os.environ.get("SEGMENT_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def browser_page(chromium_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path, headless=True, args=CHROMIUM_ARGS)
+        yield browser.new_page(viewport={"width": 1400, "height": 1800})
+        browser.close()
 
 
 def summary(page) -> str:
@@ -94,36 +123,130 @@ def axial_source(page) -> str:
     return page.locator('[data-testid="stImage"] img').first.get_attribute("src")
 
 
-def test_upload_then_switch_a_skip_off_in_a_real_browser(server, chromium_path, hippocampus_root, tmp_path):
-    from playwright.sync_api import sync_playwright
+def upload_scan(page, path: Path) -> None:
+    page.wait_for_selector('[data-testid="stFileUploader"]', timeout=60_000)
+    page.locator('[data-testid="stFileUploader"] input[type="file"]').first.set_input_files(str(path))
 
-    shots = Path(os.environ.get("SEGMENT_SCREENSHOTS") or tmp_path)
-    shots.mkdir(parents=True, exist_ok=True)
+
+def flip(page, key: str, label: str) -> None:
+    """Click the toggle (or checkbox) of widget ``key`` and wait for the page to settle."""
+    page.locator(f".st-key-{key}").get_by_text(label).click()
+    settle(page)
+
+
+def settle(page) -> None:
+    """Wait until Streamlit has finished the rerun a widget started, and its pictures are drawn."""
+    page.wait_for_timeout(300)  # the rerun starts after the widget's message reaches the server
+    page.wait_for_function(
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=120_000
+    )
+    wait_for_pictures(page, 3)
+
+
+def test_upload_then_switch_a_skip_off_in_a_real_browser(server, browser_page, hippocampus_root, shots):
+    page = browser_page
     scan = hippocampus_root / "Task04_Hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium_path, headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1800})
-        page.goto(server)
-        page.wait_for_selector('[data-testid="stFileUploader"]', timeout=60_000)
-        page.locator('[data-testid="stFileUploader"] input[type="file"]').first.set_input_files(str(scan))
-        page.get_by_text("Against all skips on").first.wait_for(timeout=120_000)
-        wait_for_pictures(page, 3)
-        before_picture, before_numbers = axial_source(page), summary(page)
-        assert "Anterior Dice 1.000" in before_numbers
-        page.screenshot(path=str(shots / "viewer_all_skips_on.png"), full_page=True)
+    page.goto(server)
+    upload_scan(page, scan)
+    page.get_by_text("Against all skips on").first.wait_for(timeout=120_000)
+    wait_for_pictures(page, 3)
+    before_picture, before_numbers = axial_source(page), summary(page)
+    assert "Anterior Dice 1.000" in before_numbers
+    page.screenshot(path=str(shots / "viewer_all_skips_on.png"), full_page=True)
 
-        # The switch of level 1 (levels count from 1, its widget key too: skip_level_1).
-        switch = page.locator(".st-key-skip_level_1")
-        assert "level 1 - full resolution" in switch.inner_text()
-        switch.get_by_text("level 1 - full resolution").click()
-        page.wait_for_function(
-            "(before) => document.querySelector('[data-testid=\"stImage\"] img').getAttribute('src') !== before",
-            arg=before_picture,
-            timeout=60_000,
-        )
-        wait_for_pictures(page, 6)
-        after_numbers = summary(page)
-        page.screenshot(path=str(shots / "viewer_level1_off.png"), full_page=True)
-        browser.close()
+    # The switch of level 1 (levels count from 1, its widget key too: skip_level_1).
+    switch = page.locator(".st-key-skip_level_1")
+    assert "level 1 - full resolution" in switch.inner_text()
+    switch.get_by_text("level 1 - full resolution").click()
+    page.wait_for_function(
+        "(before) => document.querySelector('[data-testid=\"stImage\"] img').getAttribute('src') !== before",
+        arg=before_picture,
+        timeout=60_000,
+    )
+    wait_for_pictures(page, 6)
+    after_numbers = summary(page)
+    page.screenshot(path=str(shots / "viewer_level1_off.png"), full_page=True)
     assert after_numbers != before_numbers
     assert "Anterior Dice 1.000" not in after_numbers
+
+
+def test_a_zipped_dicom_series_its_uncertainty_3d_view_and_a_second_model_in_a_real_browser(
+    server, browser_page, hippocampus_root, shots, tmp_path
+):
+    """The hippocampus scan as a zipped DICOM series: its overlay, the uncertainty map, the 3D
+    view (WebGL), and the ensemble compared with one of its members."""
+    source = hippocampus_root / "Task04_Hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
+    series = write_series(sitk.ReadImage(str(source)), tmp_path / "series", "1.2.826.0.1.3680043.2.1125.9")
+    archive = tmp_path / "hippocampus_001_dicom.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
+        for path in sorted(series.iterdir()):
+            zipped.write(path, f"hippocampus_001/{path.name}")
+    page = browser_page
+    page.goto(server)
+    assert "500MB per file" in page.locator('[data-testid="stFileUploader"]').first.inner_text()
+    upload_scan(page, archive)
+    page.get_by_text("Against all skips on").first.wait_for(timeout=120_000)
+    wait_for_pictures(page, 3)
+    assert "Anterior Dice 1.000" in summary(page)
+    page.screenshot(path=str(shots / "viewer_dicom_zip.png"), full_page=True)
+
+    flip(page, "uncertainty", "Uncertainty map")
+    page.get_by_text("Samples: the 3 members of the ensemble.").wait_for(timeout=60_000)
+    wait_for_pictures(page, 6)
+    assert page.get_by_text("axial: uncertainty").count() == 1
+    page.screenshot(path=str(shots / "viewer_uncertainty.png"), full_page=True)
+    flip(page, "uncertainty", "Uncertainty map")
+
+    flip(page, "view_3d", "3D view")
+    chart = page.locator('[data-testid="stPlotlyChart"] .js-plotly-plot')
+    chart.wait_for(timeout=60_000)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('[data-testid=\"stPlotlyChart\"] canvas')].some(c => c.width > 0)",
+        timeout=60_000,
+    )
+    legend = chart.locator(".legendtext").all_text_contents()
+    assert legend == ["Anterior", "Posterior"]
+    chart.scroll_into_view_if_needed()
+    page.screenshot(path=str(shots / "viewer_3d.png"), full_page=True)
+    flip(page, "view_3d", "3D view")
+
+    page.locator(".st-key-compare").click()
+    page.get_by_role("option", name="hippocampus_3d/member_1 (bundled ensemble member)").click()
+    page.get_by_text("Where the two differ").first.wait_for(timeout=120_000)
+    wait_for_pictures(page, 9)
+    assert page.get_by_text("axial: differences").count() == 1
+    page.screenshot(path=str(shots / "viewer_compare.png"), full_page=True)
+
+
+def test_the_example_loads_and_an_upload_over_the_limit_gets_one_sentence(browser_page, tmp_path, shots):
+    """Served with a 1 MB cap: a 2 MB file is refused in the browser with one sentence; then
+    "Try an example" segments the bundled case and scores it against its labels."""
+    url, process = serve(tmp_path, "--server.maxUploadSize", "1")
+    try:
+        page = browser_page
+        page.goto(url)
+        big = tmp_path / "big.nii.gz"
+        big.write_bytes(os.urandom(2 * 1024 * 1024))
+        assert "1MB per file" in page.locator('[data-testid="stFileUploader"]').first.inner_text()
+        upload_scan(page, big)
+        refusal = page.get_by_text("Error: File must be 1.0MB or smaller.")
+        refusal.wait_for(timeout=30_000)
+        page.wait_for_function(
+            '() => document.querySelector(\'[data-testid="stFileUploader"] span[role="alert"]\')'
+            ".getBoundingClientRect().width > 50",
+            timeout=10_000,
+        )  # shown to everyone, not only to screen readers
+        page.screenshot(
+            path=str(shots / "viewer_upload_limit.png"), clip={"x": 0, "y": 0, "width": 1400, "height": 560}
+        )
+
+        page.get_by_role("button", name="Try an example").click()
+        page.get_by_text("Against all skips on").first.wait_for(timeout=120_000)
+        wait_for_pictures(page, 3)
+        page.get_by_text("HD95 in mm; NSD with a tolerance of").wait_for(
+            timeout=30_000
+        )  # scored against its labels
+        page.screenshot(path=str(shots / "viewer_example.png"), full_page=True)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

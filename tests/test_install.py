@@ -176,7 +176,7 @@ def test_installed_app_from_another_folder(venv, elsewhere):
         assert viewer.name == "viewer.py"
         assert viewer.resolve().is_relative_to(venv.resolve()), argv
         flags = dict(zip(argv[argv.index("run") + 2 :: 2], argv[argv.index("run") + 3 :: 2], strict=False))
-        assert flags["--server.maxUploadSize"] == "512"
+        assert flags["--server.maxUploadSize"] == "500"
         assert flags["--server.headless"] == "true"
         assert flags["--server.address"] == "127.0.0.1"
         environ = Path(f"/proc/{server.pid}/environ").read_bytes().decode().split("\0")

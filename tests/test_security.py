@@ -117,7 +117,7 @@ def test_segment_app_serves_with_the_projects_streamlit_settings_from_any_folder
     settings = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
     command = viewer_command()
     flags = dict(zip(command[5::2], command[6::2], strict=True))
-    assert flags["--server.maxUploadSize"] == "512" and flags["--server.address"] == "127.0.0.1"
+    assert flags["--server.maxUploadSize"] == "500" and flags["--server.address"] == "127.0.0.1"
     for section, values in settings.items():
         for key, value in values.items():
             assert flags[f"--{section}.{key}"] == (str(value).lower() if isinstance(value, bool) else str(value))

@@ -8,11 +8,14 @@ import ast
 import gzip
 import hashlib
 import io
+import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,8 +23,13 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import SimpleITK as sitk
+import tomllib
 from conftest import ROOT, load_script, segment_command, set_args, tiny_hippocampus_overrides
+from conftest import data_root as hippocampus_data_root
+from dicom_series import write_series
 from PIL import Image
+from scipy import ndimage
 from segment.app.metrics_table import (
     PeerMask,
     against_all_on,
@@ -31,36 +39,40 @@ from segment.app.metrics_table import (
     table_csv,
 )
 from segment.app.page_state import (
+    NO_COMPARISON,
     Notice,
     Slot,
-    Upload,
+    compare_choices,
     default_preset,
-    digest,
+    incomparable,
     level_labels,
     mask_summary,
     mask_text,
     model_choices,
     peer_for,
     preset_window,
-    read_upload,
     skip_key,
     skip_switches,
     train_without_hint,
     training_notice,
-    upload_names,
     visible_planes,
     window_presets,
 )
-from segment.app.rendering import AUTO_PRESET, label_colour
+from segment.app.rendering import AUTO_PRESET, HEAT_COLOURS, compose, hex_colour, label_colour, rgb_colour
+from segment.app.uploads import EXAMPLE_CASE, Upload, digest, example_upload, read_upload, upload_names
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
 from segment.config import ExperimentConfig, load_config
+from segment.data.tasks import split_task
 from segment.engine.metrics import CaseScores
 from segment.engine.skip_explorer import MaskChange, SkipExplorer
 from segment.io import Scan, ScanError, read_scan
+from segment.models import UNet, UNetEnsemble
+from segment.models.sources import bundled_members
 from segment.tracking.runs import RegisteredModel
 from segment.workflows import load
+from segment.workflows.viewer import STREAMLIT_SETTINGS
 
 VIEWER = str(ROOT / "app" / "viewer.py")
 CASE = "hippocampus_001"
@@ -134,7 +146,7 @@ def registered(name: str, long_skips, task="Task04_Hippocampus", dims=3, dice=0.
 def test_the_page_module_runs_nothing_on_import_and_the_state_needs_no_streamlit():
     """Only imports, constants, definitions and the `__main__` guard at module level (Streamlit
     and AppTest run the script as __main__); page_state and rendering never import Streamlit."""
-    for module in ("viewer.py", "page_state.py", "metrics_table.py", "rendering.py"):
+    for module in ("viewer.py", "page_state.py", "metrics_table.py", "rendering.py", "uploads.py"):
         tree = ast.parse((ROOT / "app" / module).read_text())
         for statement in tree.body:
             if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
@@ -156,7 +168,7 @@ def test_the_page_module_runs_nothing_on_import_and_the_state_needs_no_streamlit
         [
             sys.executable,
             "-c",
-            "import sys, segment.app.page_state, segment.app.metrics_table, segment.app.rendering\n"
+            "import sys, segment.app.page_state, segment.app.metrics_table, segment.app.rendering, segment.app.uploads\n"
             "print(sorted(name for name in sys.modules if name.split('.')[0] == 'streamlit'))",
         ],
         capture_output=True,
@@ -197,14 +209,37 @@ def test_level_labels_follow_anisotropic_spacing_the_unit_and_2d_pooling():
     assert labels[:2] == ["level 1 - full resolution, 0.004 µm", "level 2 - 1/2 resolution, 0.008 µm"]
 
 
-def test_model_choices_list_bundled_models_then_registered_ones():
-    choices = model_choices(["hippocampus_3d", "isbi2012_2d"], [registered("hippo_skips1011", (1, 0, 1, 1))])
+def test_model_choices_list_bundled_models_their_members_then_registered_ones():
+    choices = model_choices(
+        ["hippocampus_3d", "isbi2012_2d"],
+        [registered("hippo_skips1011", (1, 0, 1, 1))],
+        ["hippocampus_3d/member_1"],
+    )
     assert choices == {
         "hippocampus_3d (bundled)": "hippocampus_3d",
         "isbi2012_2d (bundled)": "isbi2012_2d",
+        "hippocampus_3d/member_1 (bundled ensemble member)": "hippocampus_3d/member_1",
         "hippo_skips1011 v2 (Task04_Hippocampus, val Dice 0.850)": "models:/hippo_skips1011@best",
     }
     assert model_choices([], []) == {}
+    assert compare_choices(choices, "isbi2012_2d (bundled)") == [
+        NO_COMPARISON,
+        "hippocampus_3d (bundled)",
+        "hippocampus_3d/member_1 (bundled ensemble member)",
+        "hippo_skips1011 v2 (Task04_Hippocampus, val Dice 0.850)",
+    ]
+
+
+def test_a_bundled_ensembles_members_load_as_models_of_their_own():
+    assert sorted(bundled_members()) == [f"hippocampus_3d/member_{k}" for k in (1, 2, 3)]
+    member, ensemble = load("hippocampus_3d/member_2", device="cpu"), load("hippocampus_3d", device="cpu")
+    assert isinstance(member.network, UNet) and isinstance(ensemble.network, UNetEnsemble)
+    assert incomparable(member.config, ensemble.config) is None
+    em = load("isbi2012_2d", device="cpu")
+    assert incomparable(ensemble.config, em.config) == (
+        f"{em.config.name} labels 1 membrane, not 1 Anterior, 2 Posterior as {ensemble.config.name} does; "
+        "compare two models of one task."
+    )
 
 
 def test_the_training_notice_says_what_a_switched_off_skip_means():
@@ -244,10 +279,80 @@ def test_an_upload_is_read_under_our_name_and_errors_name_the_upload(tmp_path):
     assert upload.name == name and upload.scan.path.name == "scan.nii.gz"
     assert upload.digest == digest(data) == hashlib.sha256(data).hexdigest()
     np.testing.assert_array_equal(upload.scan.array, np.asarray(image.dataobj))
-    with pytest.raises(ScanError, match=r"The labels 'notes.txt' is not a NIfTI file"):
+    with pytest.raises(
+        ScanError,
+        match=r"The labels 'notes.txt' is not a supported file; upload .nii.gz, .nii, .nrrd, .mha\.$",
+    ):
         read_upload("notes.txt", data, "labels")
     with pytest.raises(ScanError, match=r"^empty\.NII: .*|^empty\.NII is empty"):
         read_upload("empty.NII", b"", "scan")
+
+
+def test_nrrd_mha_and_a_zipped_dicom_series_upload_as_the_nifti_does(hippocampus_root, tmp_path):
+    source = hippocampus_root / "Task04_Hippocampus" / "imagesTr" / f"{CASE}.nii.gz"
+    reference = read_upload("case.nii.gz", source.read_bytes(), "scan").scan
+    image = sitk.ReadImage(str(source))
+    for suffix in (".nrrd", ".mha"):
+        sitk.WriteImage(image, str(tmp_path / f"case{suffix}"), True)
+        upload = read_upload(f"My Case{suffix.upper()}", (tmp_path / f"case{suffix}").read_bytes(), "scan")
+        np.testing.assert_array_equal(upload.scan.array, reference.array)
+        np.testing.assert_allclose(upload.scan.affine, reference.affine, atol=1e-4)
+    series = write_series(image, tmp_path / "series", "1.2.826.0.1.3680043.2.1125.7")
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in sorted(series.iterdir()):
+            zipped.write(path, f"exported/{path.name}")
+    upload = read_upload("study.zip", archive.getvalue(), "scan")
+    np.testing.assert_array_equal(upload.scan.array, reference.array)
+    np.testing.assert_allclose(upload.scan.affine, reference.affine, atol=1e-4)
+    with pytest.raises(ScanError, match=r"^The labels 'study.zip' is not a supported file; "):
+        read_upload("study.zip", archive.getvalue(), "labels")
+    with pytest.raises(ScanError) as refused:
+        read_upload("junk.zip", b"PK not really a zip", "scan")
+    assert "junk.zip" in str(refused.value) and "scan.zip" not in str(refused.value)
+
+
+def test_the_upload_limit_is_the_same_in_the_docs_the_repositorys_settings_and_segment_app():
+    documented = re.search(r"capped at \*\*(\d+) MB\*\* per file", (ROOT / "docs" / "viewer.md").read_text())
+    settings = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())["server"]["maxUploadSize"]
+    assert int(documented.group(1)) == settings == int(STREAMLIT_SETTINGS["server.maxUploadSize"])
+
+
+def test_the_example_is_a_bundled_validation_case_with_its_licence():
+    name, scan = example_upload("scan")
+    labels_name, labels = example_upload("labels")
+    assert (name, labels_name) == (f"{EXAMPLE_CASE}.nii.gz", f"{EXAMPLE_CASE}_labels.nii.gz")
+    image, truth = read_upload(name, scan, "scan").scan, read_upload(labels_name, labels, "labels").scan
+    assert image.array.shape == truth.array.shape and set(np.unique(truth.array)) == {0, 1, 2}
+    readme = (ROOT / "segment" / "examples" / EXAMPLE_CASE / "README.md").read_text()
+    assert "CC-BY-SA 4.0" in readme and "Medical Segmentation Decathlon" in readme
+    for member in (1, 2, 3):
+        config = load_config(
+            ROOT / "segment" / "pretrained" / "hippocampus_3d" / f"member_{member}" / "config.yaml"
+        )
+        split = split_task(config.data, hippocampus_data_root(), download=False)
+        assert f"{EXAMPLE_CASE}.nii.gz" in {Path(case["image"]).name for case in split.val}, (
+            "never trained on"
+        )
+
+
+def test_pictures_take_the_users_colours_hide_labels_and_blend_a_heat_map():
+    grey = np.full((4, 4), 100, np.uint8)
+    labels = np.zeros((4, 4), np.int64)
+    labels[0, 0], labels[1, 1] = 1, 2
+    picture = compose(grey, labels, 1.0, True, colours={1: (0, 255, 0)}, hidden=frozenset({2}))
+    assert tuple(picture[0, 0]) == (0, 255, 0), "the chosen colour, fully opaque"
+    assert tuple(picture[1, 1]) == (100, 100, 100), "a hidden label is not drawn"
+    heat = np.zeros((4, 4), np.float32)
+    heat[2, 2], heat[3, 3] = 0.25, 1.0
+    picture = compose(grey, None, 0.5, True, heat=heat)
+    assert tuple(picture[0, 0]) == (100, 100, 100), "certain voxels stay grey"
+    hottest = np.asarray(HEAT_COLOURS(1.0))[:3] * 255
+    np.testing.assert_allclose(picture[3, 3], hottest, atol=1, err_msg="opaque from HEAT_FULL")
+    assert tuple(picture[2, 2]) not in ((100, 100, 100), tuple(picture[3, 3])), "half-way blended"
+    assert rgb_colour(hex_colour((1, 128, 255))) == (1, 128, 255)
+    legend = mask_summary((True,), NAMES, {1: (0, 255, 0)}, frozenset({2}))
+    assert "rgb(0, 255, 0)'>&#9632;</span> Anterior" in legend and "Posterior" not in legend
 
 
 def test_upload_names_replace_our_names_in_one_pass():
@@ -354,6 +459,27 @@ def test_the_metrics_table_from_fixed_results():
     assert pd.read_csv(io.StringIO(table_csv(table))).shape == table.shape
 
 
+def test_the_metrics_table_gives_the_compared_model_and_the_mean_uncertainty():
+    scan = flat_scan(spacing=(1.0, 2.0, 1.0))
+    mask = np.zeros(scan.array.shape, np.int64)
+    mask[0, 0, :5] = 1
+    change = MaskChange(
+        mask > 0, mask > 0, {"Anterior": 0.0, "Posterior": 0.0}, {"Anterior": 1.0, "Posterior": 1.0}
+    )
+    compared = PeerMask(
+        "member 1",
+        np.where(mask == 1, 2, 0),
+        replace(change, dice_to_reference={"Anterior": 0.0, "Posterior": 0.0}),
+    )
+    entropy = np.zeros(scan.array.shape, np.float32)
+    entropy[0, 0, :2] = 0.5
+    table = metrics_table(NAMES, scan, mask, change, compared=compared, uncertainty=entropy)
+    assert list(table["volume, compared (mL)"]) == [0.0, 0.01]
+    assert list(table["Dice vs compared"]) == [0.0, 0.0]
+    assert table["mean uncertainty"][0] == 0.2, "two of the five Anterior voxels at 0.5"
+    assert math.isnan(table["mean uncertainty"][1]), "no Posterior voxel to average over"
+
+
 @pytest.fixture(scope="module")
 def hippocampus_explorer(hippocampus_root) -> SkipExplorer:
     model = load("hippocampus_3d", device="cpu")
@@ -389,6 +515,25 @@ def test_the_metrics_table_from_a_real_explorer(hippocampus_explorer, hippocampu
     np.testing.assert_allclose(written.affine, scan.affine, atol=1e-5)
 
 
+def test_the_explorers_uncertainty_is_high_on_the_border_and_keeps_switched_off_skips_off(
+    hippocampus_explorer,
+):
+    explorer = hippocampus_explorer
+    built = explorer.model.resolve_skip_mask(None)
+    found = explorer.uncertainty(built)
+    assert found.source == "the 3 members of the ensemble"
+    assert found.entropy.shape == explorer.scan.array.shape and found.entropy.dtype == np.float32
+    assert found.entropy.min() >= 0.0 and found.entropy.max() <= 1.0
+    mask = explorer.mask(built)
+    labelled = mask > 0
+    border = labelled ^ ndimage.binary_erosion(labelled)
+    far = ~ndimage.binary_dilation(labelled, iterations=4)
+    assert found.entropy[border].mean() > 10 * found.entropy[far].mean()
+    assert explorer.uncertainty(built) is found, "cached per skip mask"
+    switched = explorer.uncertainty((False, *built[1:]))
+    assert switched is not found and not np.array_equal(switched.entropy, found.entropy)
+
+
 # --- the page, driven headless ------------------------------------------------------------------
 
 
@@ -400,19 +545,27 @@ def test_an_unusable_mlflow_store_leaves_the_bundled_models(tmp_path, monkeypatc
     app = AppTest.from_file(VIEWER, default_timeout=180).run()
     assert not app.exception
     (caption,) = [caption.value for caption in app.sidebar.caption]
-    assert caption.startswith("MLflow models unavailable. Could not list the registered models in the MLflow store")
+    assert caption.startswith(
+        "MLflow models unavailable. Could not list the registered models in the MLflow store"
+    )
     assert "broken.db" in caption and "DatabaseError" in caption
-    assert app.selectbox(key="model").options == ["hippocampus_3d (bundled)", "isbi2012_2d (bundled)"]
-    assert "Upload a NIfTI scan to begin." in [info.value for info in app.info]
+    assert app.selectbox(key="model").options == [
+        "hippocampus_3d (bundled)",
+        "isbi2012_2d (bundled)",
+        *(f"hippocampus_3d/member_{k} (bundled ensemble member)" for k in (1, 2, 3)),
+    ]
+    assert "Upload a scan to begin, or try the example." in [info.value for info in app.info]
 
 
 @pytest.mark.slow
 def test_upload_shows_the_mask_and_switching_a_skip_changes_picture_and_numbers(viewer, case_bytes, media):
     scan, truth = case_bytes
-    assert "Upload a NIfTI scan to begin." in [info.value for info in viewer.info]
+    assert "Upload a scan to begin, or try the example." in [info.value for info in viewer.info]
     app = upload(viewer, "scan", "case.nii.gz", scan)
     assert not app.exception and not app.error
-    assert [(toggle.key, toggle.label) for toggle in app.sidebar.toggle] == [
+    assert [
+        (toggle.key, toggle.label) for toggle in app.sidebar.toggle if toggle.key.startswith("skip_")
+    ] == [
         ("skip_level_1", "level 1 - full resolution, 1 mm"),
         ("skip_level_2", "level 2 - 1/2 resolution, 2 mm"),
         ("skip_level_3", "level 3 - 1/4 resolution, 4 mm"),
@@ -449,6 +602,55 @@ def test_upload_shows_the_mask_and_switching_a_skip_changes_picture_and_numbers(
 
 
 @pytest.mark.slow
+def test_the_example_compared_with_a_member_its_uncertainty_and_its_3d_view(viewer):
+    """Try the example (its labels come as the ground truth), compare the ensemble with one of
+    its members, then a model of another task, then the uncertainty map and the 3D view, with a
+    label recoloured and one hidden."""
+    app = viewer.button(key="try_example").click().run()
+    assert not app.exception and not app.error
+    assert (metrics(app)["dice vs truth (now)"] > 0.8).all(), "the example's labels are its ground truth"
+
+    app = app.selectbox(key="compare").set_value("hippocampus_3d/member_1 (bundled ensemble member)").run()
+    assert not app.exception and not app.error
+    captions = [image.captions[0] for image in app.image]
+    assert captions[3:] == [
+        f"{plane}: {row}" for row in ("compared", "differences") for plane in ("axial", "coronal", "sagittal")
+    ]
+    table = metrics(app)
+    assert table["Dice vs compared"].between(0.8, 1.0).all()
+    assert (table["dice vs truth (compared)"] > 0.8).all()
+    assert any(m.value.startswith("**Where the two differ**") for m in app.markdown)
+
+    app = app.selectbox(key="compare").set_value("isbi2012_2d (bundled)").run()
+    assert [warning.value for warning in app.sidebar.warning] == [
+        "isbi2012_2d labels 1 membrane, not 1 Anterior, 2 Posterior as hippocampus_3d does; "
+        "compare two models of one task."
+    ]
+    assert len(app.image) == 3 and "Dice vs compared" not in metrics(app).columns
+
+    app = app.selectbox(key="compare").set_value(NO_COMPARISON).run()
+    app = app.toggle(key="uncertainty").set_value(True).run()
+    assert not app.exception
+    assert [image.captions[0] for image in app.image][3:] == [
+        f"{plane}: uncertainty" for plane in ("axial", "coronal", "sagittal")
+    ]
+    assert any("Samples: the 3 members of the ensemble." in m.value for m in app.markdown)
+    assert metrics(app)["mean uncertainty"].between(0.0, 1.0).all()
+
+    app = app.color_picker(key="label_colour_1").set_value("#00ff00").run()
+    app = app.checkbox(key="label_shown_2").uncheck().run()
+    app = app.toggle(key="view_3d").set_value(True).run()
+    assert not app.exception
+    summary = next(m.value for m in app.markdown if m.value.startswith("**Mask**"))
+    assert "rgb(0, 255, 0)'>&#9632;</span> Anterior" in summary and "Posterior" not in summary
+    [chart] = app.get("plotly_chart")
+    traces = json.loads(chart.proto.spec)["data"]
+    assert [(trace["type"], trace["name"], trace["color"]) for trace in traces] == [
+        ("mesh3d", "Anterior", "#00ff00")
+    ]
+
+
+@pytest.mark.slow
 def test_the_mask_download_is_a_nifti_with_the_scans_geometry(viewer, case_bytes, media):
     scan, _ = case_bytes
     app = upload(viewer, "scan", "case.nii.gz", scan)
@@ -466,7 +668,7 @@ def test_the_mask_download_is_a_nifti_with_the_scans_geometry(viewer, case_bytes
 @pytest.mark.parametrize(
     ("name", "data", "expected"),
     [
-        ("notes.txt.gz", b"hello", "is not a NIfTI file"),
+        ("notes.txt.gz", b"hello", "is not a supported file"),
         ("broken.nii.gz", b"\x1f\x8b\x08\x00not really gzip", "is not a readable NIfTI file"),
         ("empty.nii", b"", "is empty"),
         ("empty.nii.gz", b"", "is empty"),

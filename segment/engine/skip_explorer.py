@@ -16,6 +16,7 @@ from segment.engine.device import Runtime
 from segment.engine.inference import FeatureCache, predict_labels
 from segment.engine.metrics import CaseScores, dice_per_label, score_case
 from segment.engine.preparation import PreparedScan, prepare
+from segment.engine.uncertainty import DEFAULT_SAMPLES, estimate
 from segment.io import Scan
 from segment.models import Segmenter, SkipMask
 
@@ -32,6 +33,14 @@ class MaskChange:
     dice_to_reference: dict[str, float]  # per label: agreement of the two masks
 
 
+@dataclass(frozen=True)
+class UncertaintyMap:
+    """How unsure the model is of each voxel under one skip mask."""
+
+    entropy: np.ndarray  # float32 in [0, 1] on the scan's voxel grid: 0 certain, 1 uniform
+    source: str  # how the samples were drawn, for the user
+
+
 class SkipExplorer:
     """One scan under one model: masks for any skip mask, computed from cached features.
 
@@ -43,6 +52,7 @@ class SkipExplorer:
         self.prepared: PreparedScan = prepare(scan, config)
         self._features = FeatureCache()
         self._masks: dict[tuple[bool, ...], np.ndarray] = {}
+        self._uncertainty: dict[tuple[bool, ...], UncertaintyMap] = {}
 
     def mask(self, skip_mask: SkipMask = None) -> np.ndarray:
         """Integer labels in the scan's own voxel grid for this skip mask (cached)."""
@@ -52,6 +62,18 @@ class SkipExplorer:
                 self.model, self.prepared, self.runtime, self.config, key, cache=self._features
             )
         return self._masks[key]
+
+    def uncertainty(self, skip_mask: SkipMask = None, samples: int = DEFAULT_SAMPLES) -> UncertaintyMap:
+        """The entropy of the mean softmax over the model's samples (an ensemble's members, or
+        skip settings drawn with its skip dropout, the switched-off skips kept off), cached."""
+        key = self.model.resolve_skip_mask(skip_mask)
+        if key not in self._uncertainty:
+            found = estimate(
+                self.model, self.prepared.volume, self.runtime, self.config, key, samples, cache=self._features
+            )
+            entropy = self.prepared.restore_maps(found.entropy)[..., 0]
+            self._uncertainty[key] = UncertaintyMap(np.clip(entropy, 0.0, 1.0), found.source)
+        return self._uncertainty[key]
 
     def compare(self, mask: np.ndarray, reference: np.ndarray) -> MaskChange:
         """What changed between ``reference`` (e.g. all skips on) and ``mask``."""

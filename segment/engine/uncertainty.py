@@ -55,13 +55,15 @@ def estimate(
     config: ExperimentConfig,
     skip_mask: SkipMask = None,
     samples: int = DEFAULT_SAMPLES,
+    cache: FeatureCache | None = None,
 ) -> Estimate:
-    """Probabilities, entropy and disagreement for a prepared ``volume`` (1, C, X, Y, Z)."""
+    """Probabilities, entropy and disagreement for a prepared ``volume`` (1, C, X, Y, Z).
+    ``cache``: a U-Net's encoder output for this volume, when the caller already has it."""
     if isinstance(model, UNetEnsemble):
         outputs = [predict_logits(member, volume, runtime, config, skip_mask) for member in model.members]
         source = f"the {len(outputs)} members of the ensemble"
     elif isinstance(model, UNet) and samples > 1 and max(model.config.skip_dropout_per_level) > 0:
-        cache = FeatureCache()  # the encoder runs once; each skip setting re-runs the decoder
+        cache = cache or FeatureCache()  # the encoder runs once; each skip setting re-runs the decoder
         masks = skip_samples(model, skip_mask, samples)
         outputs = [predict_logits(model, volume, runtime, config, mask, cache=cache) for mask in masks]
         source = f"{samples} skip settings drawn with the model's skip dropout"

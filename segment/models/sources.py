@@ -21,13 +21,27 @@ def bundled_models() -> dict[str, Path]:
     return {folder.name: folder for folder in sorted(PRETRAINED_DIR.iterdir()) if is_model_directory(folder)}
 
 
+def bundled_members() -> dict[str, Path]:
+    """The members of the bundled ensembles, each a model of its own: ``hippocampus_3d/member_1``."""
+    return {
+        f"{name}/{member.name}": member
+        for name, folder in bundled_models().items()
+        for member in sorted(folder.glob("member_*"))
+        if is_model_directory(member)
+    }
+
+
 def resolve_model(spec: str, tracking_uri: str | None = None) -> Path:
-    """A local model folder for ``spec``: a bundled name (``hippocampus_3d``), an MLflow URI
+    """A local model folder for ``spec``: a bundled name (``hippocampus_3d``, or one member of
+    a bundled ensemble, ``hippocampus_3d/member_1``), an MLflow URI
     (``models:/hippocampus_3d@best``, ``models:/hippocampus_3d/latest``, ``runs:/<id>/...``)
     or a folder path. MLflow artifacts are downloaded to MLflow's local cache."""
     bundled = bundled_models()
     if spec in bundled:
         return bundled[spec]
+    members = bundled_members()
+    if spec in members:
+        return members[spec]
     if spec.startswith(MLFLOW_SCHEMES):
         return _download_mlflow_model(spec, tracking_uri)
     folder = Path(spec)

@@ -15,7 +15,7 @@ from segment.tracking.store import resolve_tracking_uri
 # file from the working folder only, so the installed viewer gets the settings as flags.
 STREAMLIT_SETTINGS = {
     "server.headless": "true",
-    "server.maxUploadSize": "512",
+    "server.maxUploadSize": "500",
     "browser.gatherUsageStats": "false",
     "client.toolbarMode": "minimal",
 }

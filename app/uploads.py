@@ -1,0 +1,86 @@
+"""What the viewer accepts as a scan, read without Streamlit: an uploaded NIfTI, NRRD or MHA
+file, a .zip of one DICOM series, or the bundled example case. Uploaded bytes are written under
+names we choose in a private folder that is removed once read; the name the browser sent is
+shown in messages and never used as a path."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from segment.archives import unpack_dicom_zip
+
+from segment import examples
+from segment.io import SUPPORTED_SUFFIXES, Scan, ScanError, read_scan, scan_suffix
+
+EXAMPLE_CASE = "hippocampus_099"  # in segment/examples/, with its licence and attribution
+ZIP_SUFFIX = ".zip"
+# What Streamlit's uploader filters on: it looks at the last suffix only (.gz, not .nii.gz);
+# read_upload checks the whole name.
+SCAN_TYPES = ("nii", "gz", "nrrd", "mha", "zip")
+LABEL_TYPES = ("nii", "gz", "nrrd", "mha")
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An uploaded file read as a scan. ``name`` is what the browser sent: it is shown in
+    messages and never used as a path; ``scan.path`` is the name we chose (in a folder since
+    removed)."""
+
+    name: str
+    digest: str
+    scan: Scan
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def accepted(what: str) -> str:
+    """The formats the ``what`` upload takes, for the uploader's label and the refusals."""
+    formats = ", ".join(SUPPORTED_SUFFIXES)
+    return f"{formats} or a {ZIP_SUFFIX} of one DICOM series" if what == "scan" else formats
+
+
+def read_upload(name: str, data: bytes, what: str) -> Upload:
+    """Read uploaded bytes as a scan (``what`` is "scan" or "labels"), under a name we choose
+    (``<what>.nii.gz``, ``<what>.zip/`` for a DICOM series); ScanError, naming the upload, when
+    they are not a usable scan."""
+    suffix = scan_suffix(name)
+    is_zip = what == "scan" and name.lower().endswith(ZIP_SUFFIX)
+    if not suffix and not is_zip:
+        raise ScanError(f"The {what} {name!r} is not a supported file; upload {accepted(what)}.")
+    ours = f"{what}{ZIP_SUFFIX if is_zip else suffix}"
+    with tempfile.TemporaryDirectory(prefix="segment-upload-") as folder:
+        path = Path(folder) / ours
+        try:
+            if is_zip:
+                path.mkdir()
+                scan = read_scan(unpack_dicom_zip(data, path, name))
+            else:
+                path.write_bytes(data)
+                scan = read_scan(path)
+        except ScanError as error:
+            # The message should name the file the user chose, not our temporary copy.
+            raise ScanError(str(error).replace(ours, name)) from None
+    return Upload(name, digest(data), scan)
+
+
+def example_upload(what: str) -> tuple[str, bytes]:
+    """(name, bytes) of the bundled example's scan ("scan") or labels ("labels")."""
+    folder = Path(examples.__file__).resolve().parent / EXAMPLE_CASE
+    path = folder / ("image.nii.gz" if what == "scan" else "label.nii.gz")
+    return f"{EXAMPLE_CASE}{'' if what == 'scan' else '_labels'}.nii.gz", path.read_bytes()
+
+
+def upload_names(message: str, *uploads: Upload | None) -> str:
+    """``message`` with our names for the uploads' files replaced by the names they were
+    uploaded under, in one pass (an upload name may contain another file's name)."""
+    names = {upload.scan.path.name: upload.name for upload in uploads if upload is not None}
+    if not names:
+        return message
+    pattern = "|".join(re.escape(ours) for ours in sorted(names, key=len, reverse=True))
+    return re.sub(pattern, lambda match: names[match.group(0)], message)

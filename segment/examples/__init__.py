@@ -1,0 +1,1 @@
+"""Small public cases shipped with the package, each with its licence and attribution."""
