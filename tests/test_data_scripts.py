@@ -1,4 +1,5 @@
-"""The data scripts: ISBI 2012 PNG -> MSD NIfTI conversion on the real data, and MSD fetching offline.
+"""The data scripts: ISBI 2012 PNG -> MSD NIfTI conversion on the real data, MSD fetching offline,
+and a real hippocampus scan written as a DICOM series.
 
 The conversion tests read the real ISBI 2012 slices from the shared data root. They compare
 every converted voxel against the PNG read independently with Pillow. The fetch tests never
@@ -18,11 +19,13 @@ from urllib.parse import urlparse
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 from conftest import load_script
 from PIL import Image
 
 from segment.data import msd
+from segment.io import read_scan
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "data_scripts"
@@ -31,6 +34,7 @@ TASK = "Task04_Hippocampus"
 
 isbi2012 = load_script("isbi2012_to_nifti")
 fetch_msd = load_script("fetch_msd")
+nifti_to_dicom = load_script("nifti_to_dicom")
 
 
 def png(path: Path) -> np.ndarray:
@@ -303,3 +307,60 @@ def test_a_checksum_mismatch_keeps_nothing(
         msd.fetch_task(TASK, data_root)
     assert one_sentence(str(error.value))
     assert not data_root.exists()
+
+
+# ---- NIfTI -> DICOM series -----------------------------------------------------------------
+
+
+def write_dicom(*args: Path | str) -> subprocess.CompletedProcess:
+    """``data_scripts/nifti_to_dicom.py ARGS`` run as a user runs it."""
+    command = [sys.executable, str(SCRIPTS / "nifti_to_dicom.py"), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_a_scan_written_as_dicom_reads_back_with_its_voxels_affine_and_one_frame_of_reference(
+    hippocampus_root: Path, tmp_path: Path
+):
+    source = hippocampus_root / TASK / "imagesTr" / "hippocampus_001.nii.gz"
+    result = write_dicom(source, tmp_path / "series")
+    assert result.returncode == 0, result.stderr
+    scan, reference = read_scan(tmp_path / "series"), read_scan(source)
+    np.testing.assert_array_equal(scan.array, reference.array)
+    np.testing.assert_allclose(scan.affine, reference.affine, atol=1e-4)
+
+    files = sorted((tmp_path / "series").iterdir())
+    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
+    assert [header.InstanceNumber for header in headers] == list(range(1, reference.array.shape[2] + 1))
+    for shared in ("FrameOfReferenceUID", "SeriesInstanceUID", "StudyInstanceUID", "Modality"):
+        assert len({header.get(shared) for header in headers} - {None}) == 1, shared
+    assert len({header.SOPInstanceUID for header in headers}) == len(headers)
+    assert headers[0].Modality == "MR" and headers[0].SliceThickness == 1
+    assert list(tmp_path.iterdir()) == [tmp_path / "series"]  # no staging folder left beside it
+
+
+def test_an_existing_output_folder_is_refused_in_one_sentence_and_left_untouched(
+    hippocampus_root: Path, tmp_path: Path
+):
+    output = tmp_path / "series"
+    output.mkdir()
+    (output / "slice_000.dcm").write_bytes(b"held before")
+    before = snapshot(output)
+    result = write_dicom(hippocampus_root / TASK / "imagesTr" / "hippocampus_001.nii.gz", output)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert one_sentence(result.stderr) and result.stderr.startswith(f"Error: {output} already exists")
+    assert snapshot(output) == before and list(tmp_path.iterdir()) == [output]
+
+
+@pytest.mark.parametrize(
+    ("voxels", "reason"),
+    [(np.zeros((4, 5), np.int16), "2D image"), (np.full((4, 5, 3), 0.5, np.float32), "int16 cannot hold")],
+    ids=["2d", "fractions"],
+)
+def test_a_scan_that_is_not_3d_or_not_int16_is_refused_in_one_sentence(
+    voxels: np.ndarray, reason: str, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    nib.save(nib.Nifti1Image(voxels, np.eye(4)), tmp_path / "scan.nii.gz")
+    assert nifti_to_dicom.main([str(tmp_path / "scan.nii.gz"), str(tmp_path / "series")]) == 2
+    stderr = capsys.readouterr().err
+    assert one_sentence(stderr) and stderr.startswith("Error: ") and reason in stderr
+    assert list(tmp_path.iterdir()) == [tmp_path / "scan.nii.gz"]

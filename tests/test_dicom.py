@@ -17,7 +17,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from dicom_series import write_series
+from conftest import load_script
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -31,6 +31,7 @@ from segment.io import ScanError, read_scan
 MODEL = "hippocampus_3d"
 CASE = "hippocampus_001"
 SERIES_UID = "1.2.826.0.1.3680043.2.1125.2"
+write_series = load_script("nifti_to_dicom").write_series
 
 
 @pytest.fixture(scope="module")
@@ -39,20 +40,6 @@ def series(hippocampus_root, tmp_path_factory) -> tuple[Path, Path]:
     source = hippocampus_root / "Task04_Hippocampus" / "imagesTr" / f"{CASE}.nii.gz"
     folder = tmp_path_factory.mktemp("dicom")
     return write_series(sitk.ReadImage(str(source)), folder / "series", SERIES_UID), source
-
-
-@pytest.fixture(scope="module")
-def scanner_series(series, tmp_path_factory) -> tuple[Path, Path]:
-    """The series with the Frame of Reference UID every scanner writes (and a SEG must share),
-    which SimpleITK's writer leaves out."""
-    folder, nifti = series
-    copy = tmp_path_factory.mktemp("scanner") / "mr"
-    copy.mkdir()
-    for path in folder.iterdir():
-        dataset = pydicom.dcmread(path)
-        dataset.FrameOfReferenceUID = "1.2.826.0.1.3680043.2.1125.5"
-        dataset.save_as(copy / path.name)
-    return copy, nifti
 
 
 def test_a_dicom_series_reads_with_the_niftis_voxels_and_geometry(series):
@@ -175,10 +162,8 @@ def _labels_under_pixels(source: pydicom.Dataset, mask: nib.Nifti1Image) -> tupl
     return np.asarray(mask.dataobj)[i, j, k], int(k[0, 0])
 
 
-def test_predict_writes_a_dicom_seg_whose_segments_are_the_niftis_mask_voxel_for_voxel(
-    scanner_series, tmp_path
-):
-    folder, nifti = scanner_series
+def test_predict_writes_a_dicom_seg_whose_segments_are_the_niftis_mask_voxel_for_voxel(series, tmp_path):
+    folder, nifti = series
     result = CliRunner().invoke(
         app,
         ["predict", "--model", MODEL, "-i", str(folder), "-o", str(tmp_path), "--output-format", "dicom-seg"],
@@ -189,13 +174,14 @@ def test_predict_writes_a_dicom_seg_whose_segments_are_the_niftis_mask_voxel_for
     label_names = {
         int(value): name for value, name in json.loads((tmp_path / "n.labels.json").read_text()).items()
     }
-    written = tmp_path / "mr.seg.dcm"
+    written = tmp_path / "series.seg.dcm"
     assert result.output.startswith(f"{written}: ")
 
     dataset = pydicom.dcmread(written)
     assert dataset.Modality == "SEG" and dataset.SegmentationType == "BINARY"
     assert [item.SeriesInstanceUID for item in dataset.ReferencedSeriesSequence] == [SERIES_UID]
-    assert dataset.FrameOfReferenceUID == "1.2.826.0.1.3680043.2.1125.5"
+    sources = [pydicom.dcmread(path, stop_before_pixels=True) for path in sorted(folder.iterdir())]
+    assert dataset.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
     segments = dataset.SegmentSequence
     assert [item.SegmentLabel for item in segments] == [label_names[1], label_names[2]]
     assert {item.SegmentAlgorithmType for item in segments} == {"AUTOMATIC"}
@@ -203,7 +189,6 @@ def test_predict_writes_a_dicom_seg_whose_segments_are_the_niftis_mask_voxel_for
     assert {item.SegmentedPropertyTypeCodeSequence[0].CodeMeaning for item in segments} == {"Tissue"}
 
     seg = hd.seg.segread(written)
-    sources = [pydicom.dcmread(path, stop_before_pixels=True) for path in sorted(folder.iterdir())]
     frames = seg.get_pixels_by_source_instance([source.SOPInstanceUID for source in sources])
     seen = set()
     for source, pixels in zip(sources, frames, strict=True):
@@ -230,8 +215,8 @@ def test_a_nifti_input_is_refused_for_a_dicom_seg_in_one_sentence(series, tmp_pa
     assert not any(tmp_path.iterdir())
 
 
-def test_a_dicom_seg_goes_to_a_dcm_file_outside_the_series_folder(scanner_series, tmp_path):
-    folder, _ = scanner_series
+def test_a_dicom_seg_goes_to_a_dcm_file_outside_the_series_folder(series, tmp_path):
+    folder, _ = series
     with pytest.raises(
         InputError, match=r"^mask.nii.gz: a DICOM SEG is a .dcm file; give a file name ending in .dcm"
     ):
@@ -240,13 +225,11 @@ def test_a_dicom_seg_goes_to_a_dcm_file_outside_the_series_folder(scanner_series
         workflows.predict(MODEL, folder, folder, output_format="dicom-seg")
 
 
-def test_one_voxel_lands_on_its_source_frame_and_pixel_and_an_empty_label_keeps_its_segment(
-    scanner_series, tmp_path
-):
+def test_one_voxel_lands_on_its_source_frame_and_pixel_and_an_empty_label_keeps_its_segment(series, tmp_path):
     """Without a model: one voxel of label 1 at an (X, Y, Z) of unequal coordinates comes back
     at row Y, column X of the frame whose source image is file Z; label 2, with no voxels, is
     described and has no frames."""
-    folder, _ = scanner_series
+    folder, _ = series
     scan = read_scan(folder)
     mask = np.zeros(scan.array.shape, dtype=np.uint8)
     mask[7, 30, 21] = 1
@@ -264,16 +247,24 @@ def test_one_voxel_lands_on_its_source_frame_and_pixel_and_an_empty_label_keeps_
 
 def test_a_series_without_a_frame_of_reference_is_refused_in_one_sentence(series, tmp_path):
     folder, _ = series
-    scan = read_scan(folder)
+    stripped = tmp_path / "series"
+    stripped.mkdir()
+    for path in folder.iterdir():
+        dataset = pydicom.dcmread(path)
+        del dataset.FrameOfReferenceUID
+        dataset.save_as(stripped / path.name)
+    scan = read_scan(stripped)
+    output = tmp_path / "out"
+    output.mkdir()
     with pytest.raises(ScanError) as error:
         write_segmentation(
-            np.zeros(scan.array.shape, np.uint8), scan, tmp_path / "s.dcm", {0: "bg", 1: "a"}, model="m"
+            np.zeros(scan.array.shape, np.uint8), scan, output / "s.dcm", {0: "bg", 1: "a"}, model="m"
         )
     message = str(error.value)
     assert message.startswith("series/ cannot be referenced by a DICOM SEG (")
     assert message.endswith("); export the series with complete headers, or write NIfTI.")
     assert "Frame Of Reference" in message and "\n" not in message
-    assert not any(tmp_path.iterdir())
+    assert not any(output.iterdir())
 
 
 def test_highdicom_is_imported_only_to_write_a_seg():
