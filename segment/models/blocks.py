@@ -88,9 +88,11 @@ def residual_width(config: ModelConfig, out_channels: int) -> int:
 
 
 def residual_stage(
-    config: ModelConfig, in_channels: int, out_channels: int, blocks: int, stride: int
+    config: ModelConfig, in_channels: int, out_channels: int, blocks: int, stride: tuple[int, ...]
 ) -> nn.Sequential:
-    """``blocks`` residual blocks; the first changes resolution and width through a projection."""
+    """``blocks`` residual blocks; the first changes resolution (by ``stride``, one factor per
+    axis) and width through a projection. MONAI's blocks hand their stride to PyTorch's
+    convolutions as it is, so a per-axis tuple strides each axis by its own factor."""
     block_type = _residual_block_type(config)
     width = residual_width(config, out_channels)
     planes = width // block_type.expansion
@@ -98,7 +100,7 @@ def residual_stage(
     for index in range(blocks):
         block_in = in_channels if index == 0 else width
         projection = None
-        if index == 0 and (stride != 1 or block_in != width):
+        if index == 0 and (max(stride) > 1 or block_in != width):
             projection = nn.Sequential(
                 Conv[Conv.CONV, config.spatial_dims](
                     block_in, width, kernel_size=1, stride=stride, bias=False

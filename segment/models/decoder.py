@@ -13,13 +13,17 @@ from segment.models.blocks import double_conv
 
 
 class DecoderLevel(nn.Module):
-    """One decoder level: 2x transposed-conv upsampling, join, two conv-norm-act."""
+    """One decoder level: transposed-conv upsampling by ``factors`` (one per axis, those of
+    the pooling it reverses), join, two conv-norm-act."""
 
-    def __init__(self, config: ModelConfig, deeper_channels: int, skip_channels: int) -> None:
+    def __init__(
+        self, config: ModelConfig, deeper_channels: int, skip_channels: int, factors: tuple[int, ...]
+    ) -> None:
         super().__init__()
         self.concat = config.skip_mode == "concat"
+        # MONAI's deconv takes kernel = stride = the factor per axis: a factor of 1 keeps that axis.
         self.upsample = UpSample(
-            config.spatial_dims, deeper_channels, skip_channels, scale_factor=2, mode="deconv"
+            config.spatial_dims, deeper_channels, skip_channels, scale_factor=factors, mode="deconv"
         )
         joined = 2 * skip_channels if self.concat else skip_channels
         self.convs = double_conv(config, joined, skip_channels)
@@ -43,7 +47,7 @@ class UNetDecoder(nn.Module):
         super().__init__()
         # levels[k] rebuilds level k from level k+1 and skip k; run deepest first.
         self.levels = nn.ModuleList(
-            DecoderLevel(config, encoder_channels[k + 1], encoder_channels[k])
+            DecoderLevel(config, encoder_channels[k + 1], encoder_channels[k], config.pool_factors[k])
             for k in range(len(encoder_channels) - 1)
         )
         self.out_channels = encoder_channels[0]

@@ -29,33 +29,37 @@ class LevelEncoder(nn.Module):
 
 
 class PlainEncoder(LevelEncoder):
-    """Classic U-Net encoder: two conv-norm-act per level, 2x max pooling between levels
-    (rounding odd sizes up, so no input padding is needed)."""
+    """Classic U-Net encoder: two conv-norm-act per level, max pooling between levels by the
+    level's factor per axis (``config.pool_factors``, 2 by default), rounding odd sizes up, so
+    no input padding is needed."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         pool = Pool[Pool.MAX, config.spatial_dims]
         stages = [double_conv(config, config.in_channels, config.widths[0])]
-        for previous, current in zip(config.widths[:-1], config.widths[1:], strict=True):
-            stages.append(
-                nn.Sequential(pool(kernel_size=2, ceil_mode=True), double_conv(config, previous, current))
-            )
+        for previous, current, factors in zip(
+            config.widths[:-1], config.widths[1:], config.pool_factors, strict=True
+        ):
+            downsample = pool(kernel_size=factors, stride=factors, ceil_mode=True)
+            stages.append(nn.Sequential(downsample, double_conv(config, previous, current)))
         self.stages = nn.ModuleList(stages)
         self.out_channels = tuple(config.widths)
 
 
 class ResNetEncoder(LevelEncoder):
     """Residual encoder: a full-resolution stem, then stages of residual blocks whose first
-    block halves the resolution with a stride-2 convolution (ResNet-18/34 layout)."""
+    block lowers the resolution with a strided convolution, stride 2 along every axis unless
+    ``config.pool_factors`` says otherwise (ResNet-18/34 layout)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         blocks = config.resnet_blocks
         widths = tuple(residual_width(config, c) for c in config.widths)
         stem = stem_conv(config, config.in_channels, config.widths[0])
-        stages = [nn.Sequential(stem, residual_stage(config, config.widths[0], widths[0], blocks[0], 1))]
-        for level in range(1, config.levels):
-            stages.append(residual_stage(config, widths[level - 1], widths[level], blocks[level], 2))
+        first = residual_stage(config, config.widths[0], widths[0], blocks[0], (1,) * config.spatial_dims)
+        stages = [nn.Sequential(stem, first)]
+        for level, factors in enumerate(config.pool_factors, start=1):
+            stages.append(residual_stage(config, widths[level - 1], widths[level], blocks[level], factors))
         self.stages = nn.ModuleList(stages)
         self.out_channels = widths
 

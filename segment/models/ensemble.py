@@ -16,7 +16,7 @@ from segment.models.unet import SkipMask, UNet
 # What members must agree on to be averaged: one way of preparing a scan, one label set, one
 # grid of outputs, one set of long skips. Width, encoder and training recipe may differ.
 SHARED_SETTINGS = {
-    "data": ("task", "modality", "ct_window", "clip_percentiles", "spacing"),
+    "data": ("task", "modality", "ct_window", "ct_foreground", "clip_percentiles", "spacing"),
     "model": ("spatial_dims", "in_channels", "out_channels", "levels"),
     "trainer": ("roi_size", "sw_batch_size"),
 }
@@ -47,6 +47,9 @@ def mismatch(first: ExperimentConfig, other: ExperimentConfig) -> str | None:
         return "labels"
     if first.model.built_skips != other.model.built_skips:
         return "model.long_skips"
+    # Long skip k must carry the same resolution in every member for a skip mask to mean one thing.
+    if first.model.pool_factors != other.model.pool_factors:
+        return "model.pooling"
     return None
 
 

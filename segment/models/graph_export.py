@@ -66,7 +66,9 @@ class SkipMaskInput(nn.Module):
 def export_graph(model: UNet | UNetEnsemble, config: ExperimentConfig, format: str, output: Path) -> Path:
     """Write ``model`` as an ONNX or TorchScript file at ``output``, whole or not at all."""
     graph = SkipMaskInput(model.float().cpu()).eval()
-    spatial = [2 ** (config.model.levels - 1) + 3] * config.model.spatial_dims
+    # Along each axis, 3 voxels more than one voxel of the coarsest level spans: every level
+    # keeps at least two voxels, as instance norm needs.
+    spatial = [scale + 3 for scale in config.model.level_scales[-1]]
     example = (torch.randn(1, config.model.in_channels, *spatial), torch.ones(model.num_skips))
     recipe = config_to_yaml(config)
     if format == "onnx":

@@ -46,7 +46,8 @@ class UNet(nn.Module):
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x: (B, in_channels, *spatial), any size -> one feature map per level, finest first.
 
-        Each level is ceil(previous / 2) in size, so odd sizes need no padding."""
+        Each level is ceil(previous / factor) in size per axis, its factor from
+        ``config.pool_factors`` (2 by default), so odd sizes need no padding."""
         return self.encoder(x)
 
     def decode(
