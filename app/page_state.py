@@ -136,18 +136,17 @@ def skip_key(level: int) -> str:
 
 
 def level_labels(config: ExperimentConfig, scan: Scan) -> list[str]:
-    """``level 1 - full resolution, 1 mm`` ... for each long skip, in the scan's unit."""
+    """``level 1 - full resolution, 1 mm`` ... for each long skip, in the scan's unit: the
+    voxel size of that level per axis, or one size when all axes agree. A level pooled more
+    along some axes than others (``model.pooling``) is named by its largest factor:
+    ``level 2 - 1/2 resolution, 1.2 x 1.2 x 3.6 mm``."""
     # A 2D model pools within the axial slice only.
     spacing = (config.data.spacing or scan.spacing)[: config.model.spatial_dims]
     labels = []
-    for level in range(1, config.model.levels):
-        factor = 2 ** (level - 1)
-        size = (
-            " x ".join(f"{s * factor:g}" for s in spacing)
-            if len(set(spacing)) > 1
-            else f"{spacing[0] * factor:g}"
-        )
-        scale = "full resolution" if level == 1 else f"1/{factor} resolution"
+    for level, scales in enumerate(config.model.level_scales[:-1], start=1):
+        sizes = [s * scale for s, scale in zip(spacing, scales, strict=True)]
+        size = " x ".join(f"{s:g}" for s in sizes) if len(set(sizes)) > 1 else f"{sizes[0]:g}"
+        scale = "full resolution" if level == 1 else f"1/{max(scales)} resolution"
         labels.append(f"level {level} - {scale}, {size} {scan.unit}")
     return labels
 
@@ -205,6 +204,15 @@ def default_preset(config: ExperimentConfig) -> int:
 def preset_window(preset: str, auto: tuple[float, float]) -> tuple[float, float]:
     """(level, width) of a preset; ``auto`` (the scan's percentile window) for the auto one."""
     return CT_PRESETS.get(preset, auto)
+
+
+def channel_choices(config: ExperimentConfig) -> list[str]:
+    """The "Channel shown" options: the model's channel names (its task's modalities) when its
+    config records one per input, else ``channel 1``, ``channel 2``..."""
+    names = config.data.channel_names
+    if names is not None and len(names) == config.model.in_channels:
+        return list(names)
+    return [f"channel {index}" for index in range(1, config.model.in_channels + 1)]
 
 
 def visible_planes(shape: Sequence[int]) -> list[str]:
@@ -266,11 +274,12 @@ LOST_LEGEND = (
 @dataclass(frozen=True)
 class Case:
     """What one session keeps for its scan and model: the explorer (encoder output and every
-    mask cached), and the display orientation and auto window, which depend on the scan only."""
+    mask cached), and the display orientation and auto window of each channel, which depend on
+    the scan only."""
 
     explorer: SkipExplorer
     display: DisplayVolume
-    auto_window: tuple[float, float]
+    auto_windows: tuple[tuple[float, float], ...]  # one per channel
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,10 @@ HEAT_FULL = 0.5
 
 @dataclass(frozen=True)
 class DisplayVolume:
-    """A volume reoriented to RAS for display only (axes flipped and swapped, never resampled)."""
+    """A volume reoriented to RAS for display only (axes flipped and swapped, never resampled);
+    a multi-channel one keeps its channels last, and :meth:`channel` picks the one drawn."""
 
-    data: np.ndarray  # (R, A, S) voxel order
+    data: np.ndarray  # (R, A, S) voxel order, or (R, A, S, C)
     spacing: tuple[float, float, float]
     orientation: np.ndarray  # nibabel orientation that maps the file's axes to RAS
 
@@ -51,6 +52,17 @@ class DisplayVolume:
     def same_view(self, array: np.ndarray) -> np.ndarray:
         """Reorient another array of the scan's grid (a mask) exactly like the scan."""
         return nib.orientations.apply_orientation(array, self.orientation)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The (R, A, S) grid, whatever the channels."""
+        return tuple(self.data.shape[:3])
+
+    def channel(self, index: int) -> DisplayVolume:
+        """The volume of channel ``index`` alone (a one-channel volume is its own channel 0)."""
+        if self.data.ndim == 3:
+            return self
+        return DisplayVolume(self.data[..., index], self.spacing, self.orientation)
 
 
 def _inverse_axes(orientation: np.ndarray) -> list[int]:
@@ -95,6 +107,13 @@ def window(image: np.ndarray, level: float, width: float) -> np.ndarray:
 def auto_window(volume: np.ndarray) -> tuple[float, float]:
     low, high = np.percentile(volume, [1, 99])
     return float((low + high) / 2), float(max(high - low, 1e-3))
+
+
+def channel_windows(array: np.ndarray) -> tuple[tuple[float, float], ...]:
+    """:func:`auto_window` of each channel of an (X, Y, Z) or (X, Y, Z, C) array: a multi-modal
+    scan's sequences have unrelated intensities."""
+    channels = [array] if array.ndim == 3 else [array[..., index] for index in range(array.shape[3])]
+    return tuple(auto_window(channel) for channel in channels)
 
 
 def _hex_rgb(colour: str) -> tuple[int, int, int]:
@@ -221,7 +240,7 @@ def plane_picture(
         cut(labels),
         style.opacity,
         style.filled,
-        crosshair(plane, position, display.data.shape),
+        crosshair(plane, position, display.shape),
         cut(lost),
         cut(gained),
         cut(heat),

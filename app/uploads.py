@@ -11,9 +11,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from segment.archives import unpack_dicom_zip
-
 from segment import examples
+from segment.archives import unpack_dicom_zip
 from segment.io import SUPPORTED_SUFFIXES, Scan, ScanError, read_scan, scan_suffix
 
 EXAMPLE_CASE = "hippocampus_099"  # in segment/examples/, with its licence and attribution
@@ -45,10 +44,11 @@ def accepted(what: str) -> str:
     return f"{formats} or a {ZIP_SUFFIX} of one DICOM series" if what == "scan" else formats
 
 
-def read_upload(name: str, data: bytes, what: str) -> Upload:
-    """Read uploaded bytes as a scan (``what`` is "scan" or "labels"), under a name we choose
-    (``<what>.nii.gz``, ``<what>.zip/`` for a DICOM series); ScanError, naming the upload, when
-    they are not a usable scan."""
+def read_upload(name: str, data: bytes, what: str, channels: int = 1) -> Upload:
+    """Read uploaded bytes as a scan (``what`` is "scan" or "labels") of ``channels`` channels
+    (the model's inputs; labels have one), under a name we choose (``<what>.nii.gz``,
+    ``<what>.zip/`` for a DICOM series); ScanError, naming the upload, when they are not a
+    usable scan."""
     suffix = scan_suffix(name)
     is_zip = what == "scan" and name.lower().endswith(ZIP_SUFFIX)
     if not suffix and not is_zip:
@@ -59,10 +59,10 @@ def read_upload(name: str, data: bytes, what: str) -> Upload:
         try:
             if is_zip:
                 path.mkdir()
-                scan = read_scan(unpack_dicom_zip(data, path, name))
+                scan = read_scan(unpack_dicom_zip(data, path, name), channels)
             else:
                 path.write_bytes(data)
-                scan = read_scan(path)
+                scan = read_scan(path, channels)
         except ScanError as error:
             # The message should name the file the user chose, not our temporary copy.
             raise ScanError(str(error).replace(ours, name)) from None

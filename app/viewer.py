@@ -31,6 +31,7 @@ from segment.app.page_state import (
     Case,
     Extras,
     Outcome,
+    channel_choices,
     default_preset,
     difference_legend,
     mask_summary,
@@ -44,7 +45,7 @@ from segment.app.page_state import (
 from segment.app.rendering import (
     DisplayVolume,
     Style,
-    auto_window,
+    channel_windows,
     hex_colour,
     label_colour,
     plane_axis,
@@ -115,9 +116,10 @@ def model_section(store: str, choices: dict[str, str]) -> tuple[str, LoadedModel
     return choice, model
 
 
-def cached_upload(name: str, data: bytes, what: str) -> Upload:
-    """The upload read once per content (slider moves rerun the page)."""
-    return session_slot(what).get(digest(data), lambda: read_upload(name, data, what))
+def cached_upload(name: str, data: bytes, what: str, channels: int = 1) -> Upload:
+    """The upload read once per content and channel count (slider moves rerun the page; another
+    model may read another number of channels)."""
+    return session_slot(what).get((digest(data), channels), lambda: read_upload(name, data, what, channels))
 
 
 def use_example() -> None:
@@ -142,14 +144,15 @@ def scan_source() -> tuple[str, bytes]:
     st.stop()
 
 
-def upload_section() -> tuple[Upload, np.ndarray | None, Upload | None]:
-    """The scan and the optional ground truth; stops the page until a usable scan is there."""
+def upload_section(model: LoadedModel) -> tuple[Upload, np.ndarray | None, Upload | None]:
+    """The scan (one channel per model input) and the optional ground truth; stops the page
+    until a usable scan is there."""
     name, data = scan_source()
     truth_file = st.file_uploader(
         f"Ground-truth labels (optional; {accepted('labels')})", type=list(LABEL_TYPES), key="truth"
     )
     try:
-        scan = cached_upload(name, data, "scan")
+        scan = cached_upload(name, data, "scan", model.config.model.in_channels)
     except SegmentError as error:
         st.error(str(error))
         st.stop()
@@ -179,7 +182,7 @@ def case_section(model: LoadedModel, scan: Upload) -> Case:
             return Case(
                 explorer,
                 DisplayVolume.from_array(scan.scan.array, scan.scan.affine),
-                auto_window(scan.scan.array),
+                channel_windows(scan.scan.array),
             )
 
     try:
@@ -200,20 +203,30 @@ def skip_section(model: LoadedModel, scan: Upload) -> tuple[tuple[bool, ...], tu
     return skip_mask, built
 
 
-def display_section(model: LoadedModel, case: Case) -> Style:
+def display_section(model: LoadedModel, case: Case) -> tuple[Style, int]:
+    """How the pictures are drawn, and which channel of a multi-channel scan they show."""
     st.sidebar.subheader("Display")
+    channel = channel_section(model)
     presets = window_presets()
     preset = st.sidebar.selectbox(
         "Intensity window", presets, index=default_preset(model.config), key="preset"
     )
-    level, width = preset_window(preset, case.auto_window)
+    level, width = preset_window(preset, case.auto_windows[channel])
     if st.sidebar.checkbox("Manual level and width", key="manual_window"):
         level = st.sidebar.number_input("Level", value=float(level), key="window_level")
         width = st.sidebar.number_input("Width", value=float(width), min_value=1e-3, key="window_width")
     opacity = st.sidebar.slider("Mask opacity", 0.0, 1.0, 0.45, key="opacity")
     filled = st.sidebar.radio("Mask style", ["filled", "outline"], horizontal=True, key="style") == "filled"
     colours, hidden = label_section(model.config.label_names)
-    return Style(float(level), float(width), opacity, filled, colours, hidden)
+    return Style(float(level), float(width), opacity, filled, colours, hidden), channel
+
+
+def channel_section(model: LoadedModel) -> int:
+    """The channel drawn (0-based): picked when the model reads several, else the only one."""
+    choices = channel_choices(model.config)
+    if len(choices) == 1:
+        return 0
+    return choices.index(st.sidebar.selectbox("Channel shown", choices, key="channel"))
 
 
 def label_section(label_names: dict[int, str]) -> tuple[dict[int, tuple[int, int, int]], frozenset[int]]:
@@ -247,7 +260,7 @@ def slice_section(display: DisplayVolume) -> tuple[int, int, int]:
     """The crosshair position (RAS voxel indices): one slider per axis longer than one voxel."""
 
     def index(plane: str) -> int:
-        size = display.data.shape[plane_axis(plane)]
+        size = display.shape[plane_axis(plane)]
         if size == 1:
             return 0
         return st.sidebar.slider(f"{plane} slice", 0, size - 1, size // 2, key=f"slice_{plane}")
@@ -255,10 +268,9 @@ def slice_section(display: DisplayVolume) -> tuple[int, int, int]:
     return tuple(index(plane) for plane in ("sagittal", "coronal", "axial"))
 
 
-def picture_row(case: Case, position, style: Style, caption: str, **overlays) -> None:
-    display = case.display
+def picture_row(display: DisplayVolume, position, style: Style, caption: str, **overlays) -> None:
     views = {name: None if array is None else display.same_view(array) for name, array in overlays.items()}
-    planes = visible_planes(display.data.shape)
+    planes = visible_planes(display.shape)
     for column, plane in zip(st.columns(len(planes)), planes, strict=True):
         column.image(
             plane_picture(display, plane, position, style, **views),
@@ -269,7 +281,7 @@ def picture_row(case: Case, position, style: Style, caption: str, **overlays) ->
 
 def pictures_section(
     model: LoadedModel,
-    case: Case,
+    display: DisplayVolume,
     outcome: Outcome,
     extra: Extras,
     position,
@@ -277,24 +289,26 @@ def pictures_section(
 ) -> None:
     """The mask row, then the rows of what was asked for: the trained-without model, the
     lost/gained voxels once a skip is off, the compared model and where it differs, the
-    uncertainty map."""
+    uncertainty map; each over ``display``, the channel shown."""
     names = model.config.label_names
     st.markdown(mask_summary(outcome.skip_mask, names, style.colours, style.hidden), unsafe_allow_html=True)
-    picture_row(case, position, style, "{plane}", labels=outcome.mask)
+    picture_row(display, position, style, "{plane}", labels=outcome.mask)
     if extra.peer is not None:
         st.markdown(f"**Trained without these skips**: {extra.peer.title}")
-        picture_row(case, position, style, "{plane}: trained without", labels=extra.peer.mask)
+        picture_row(display, position, style, "{plane}: trained without", labels=extra.peer.mask)
     if outcome.switched:
         st.markdown(LOST_LEGEND, unsafe_allow_html=True)
         change = outcome.change
-        picture_row(case, position, style, "{plane}: lost / gained", lost=change.lost, gained=change.gained)
+        picture_row(
+            display, position, style, "{plane}: lost / gained", lost=change.lost, gained=change.gained
+        )
     if extra.compared is not None:
         compared = extra.compared
         st.markdown(f"**Compared with** {compared.title}", unsafe_allow_html=True)
-        picture_row(case, position, style, "{plane}: compared", labels=compared.mask)
+        picture_row(display, position, style, "{plane}: compared", labels=compared.mask)
         st.markdown(difference_legend("the model shown", compared.title), unsafe_allow_html=True)
         picture_row(
-            case,
+            display,
             position,
             style,
             "{plane}: differences",
@@ -303,7 +317,7 @@ def pictures_section(
         )
     if extra.uncertainty is not None:
         st.markdown(f"{UNCERTAINTY_LEGEND} Samples: {extra.uncertainty.source}.")
-        picture_row(case, position, style, "{plane}: uncertainty", heat=extra.uncertainty.entropy)
+        picture_row(display, position, style, "{plane}: uncertainty", heat=extra.uncertainty.entropy)
 
 
 def scores_against(
@@ -372,7 +386,7 @@ def main() -> None:
     registered = registry_section(store)
     choices = model_choices(bundled_models(), registered, bundled_members())
     choice, model = model_section(store, choices)
-    scan, truth, labels = upload_section()
+    scan, truth, labels = upload_section(model)
     case = case_section(model, scan)
     skip_mask, built = skip_section(model, scan)
     outcome = decode_section(case, skip_mask, built)
@@ -380,9 +394,9 @@ def main() -> None:
     compared = compare_section(store, choices, choice, model, scan, case, outcome)
     show_uncertainty, show_3d = views_section()
     extra = Extras(peer, compared, uncertainty_section(case, outcome, show_uncertainty))
-    style = display_section(model, case)
+    style, channel = display_section(model, case)
     position = slice_section(case.display)
-    pictures_section(model, case, outcome, extra, position, style)
+    pictures_section(model, case.display.channel(channel), outcome, extra, position, style)
     view_3d_section(model, case, outcome, style, scan, show_3d)
     table = metrics_section(model, case, outcome, extra, truth, scan, labels)
     downloads_section(model, case, outcome, table)

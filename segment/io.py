@@ -1,9 +1,11 @@
 """Reading scans and writing masks with the scan's geometry intact.
 
 NIfTI goes through nibabel; NRRD and MHA through SimpleITK (MONAI has no SimpleITK reader).
-Every scan is held as a 3D array in the file's own voxel order plus the nibabel-style affine
-(voxel index -> RAS+ millimetres), so a mask written back lines up with its scan whatever
-the orientation: RAS, LPS or oblique.
+Every scan is held as an array in the file's own voxel order, (X, Y, Z) or (X, Y, Z, channels)
+for a multi-modal NIfTI (the Decathlon's brain tumour and prostate tasks store their MRI
+sequences as the 4th dimension), plus the nibabel-style affine (voxel index -> RAS+
+millimetres), so a mask written back lines up with its scan whatever the orientation: RAS, LPS
+or oblique. Masks and labels are always 3D.
 """
 
 from __future__ import annotations
@@ -44,13 +46,22 @@ class ScanError(SegmentError):
 class Scan:
     """A 3D scan: intensities in the file's voxel order and the voxel -> RAS+ mm affine."""
 
-    array: np.ndarray  # (X, Y, Z) float32
+    array: np.ndarray  # (X, Y, Z) float32, or (X, Y, Z, C) for C > 1 channels
     affine: np.ndarray  # (4, 4)
     path: Path
     nifti_header: nib.Nifti1Header | None = None  # carried over to the mask
     itk_reference: sitk.Image | None = None  # geometry source for NRRD/MHA masks
     warnings: list[str] = field(default_factory=list)  # odd but usable input, for the user
     spatial_dims: int = 3  # 2 when the file holds one 2D image (held here as a single slice)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The voxel grid (X, Y, Z), whatever the number of channels."""
+        return tuple(self.array.shape[:3])
+
+    @property
+    def channels(self) -> int:
+        return self.array.shape[3] if self.array.ndim == 4 else 1
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -85,11 +96,12 @@ def scan_stem(path: str | Path) -> str:
     return name[: len(name) - len(scan_suffix(name))] if scan_suffix(name) else Path(name).stem
 
 
-def _volume_shape(shape: tuple[int, ...], path: Path) -> tuple[tuple[int, int, int], int]:
-    """The (X, Y, Z) shape a file's declared ``shape`` is read as, and its spatial dimensions.
+def _volume_shape(shape: tuple[int, ...], path: Path, channels: int = 1) -> tuple[tuple[int, ...], int]:
+    """The shape a file's declared ``shape`` is read as, (X, Y, Z) or (X, Y, Z, channels), and
+    its spatial dimensions.
 
-    Accepts (X, Y, Z), (X, Y) as one slice, and trailing singleton axes; refuses the rest from
-    the header alone, before any voxel is read."""
+    Accepts (X, Y, Z), (X, Y) as one slice, trailing singleton axes, and (X, Y, Z, C) when C is
+    ``channels`` > 1; refuses the rest from the header alone, before any voxel is read."""
     shape = tuple(int(size) for size in shape)
     if not shape or min(shape) < 1:
         raise ScanError(f"{path.name} declares an empty volume {shape}; its header is damaged.")
@@ -101,12 +113,24 @@ def _volume_shape(shape: tuple[int, ...], path: Path) -> tuple[tuple[int, int, i
         )
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
-    if len(shape) not in (2, 3):
+    if len(shape) not in (2, 3, 4):
         raise ScanError(
             f"{path.name} has {len(shape)} dimensions {shape}; give one 3D volume (or a 2D slice), "
             "e.g. a single channel or time point of it."
         )
+    found = shape[3] if len(shape) == 4 else 1
+    if found != channels:
+        raise ScanError(_channel_mismatch(path, shape, channels))
+    if len(shape) == 4:
+        return shape, 3
     return (*shape, 1) if len(shape) == 2 else shape, len(shape)
+
+
+def _channel_mismatch(path: Path, shape: tuple[int, ...], channels: int) -> str:
+    wanted = f"the model reads {channels}; give a scan with one channel per model input."
+    if len(shape) == 4:
+        return f"{path.name} has 4 dimensions {shape}: {shape[3]} channels (its 4th dimension), but {wanted}"
+    return f"{path.name} has 1 channel (it is {len(shape)}D, without a 4th dimension) but {wanted}"
 
 
 def _unreadable(path: Path, reason: str) -> ScanError:
@@ -148,14 +172,14 @@ class _HeaderProblems(logging.Filter):
         return False
 
 
-def _read_nifti(path: Path) -> Scan:
+def _read_nifti(path: Path, channels: int) -> Scan:
     problems = _HeaderProblems()
     nib.imageglobals.logger.addFilter(problems)
     try:
         image = nib.load(path)
         if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
             raise ScanError(f"{path.name} is a {type(image).__name__}, not a NIfTI image; give a NIfTI scan.")
-        shape, dims = _volume_shape(image.shape, path)
+        shape, dims = _volume_shape(image.shape, path, channels)
         dtype = image.get_data_dtype()
         if dtype.fields is not None or dtype.kind == "c":
             raise ScanError(
@@ -200,21 +224,23 @@ def _read_nifti(path: Path) -> Scan:
     )
 
 
-def _read_itk(path: Path) -> Scan:
+def _read_itk(path: Path, channels: int) -> Scan:
     import SimpleITK as sitk  # only NRRD and MHA need it: NIfTI-only machines may lack it
 
     try:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
-        shape, dims = _volume_shape(reader.GetSize(), path)
+        shape, dims = _volume_shape(reader.GetSize(), path, channels)
         image = reader.Execute()
     except ScanError:
         raise
     except RuntimeError as error:
         raise ScanError(f"{path.name} is not a readable {scan_suffix(path)} file ({_itk_reason(error)}).") from None
     if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() not in (2, 3):
-        raise ScanError(f"{path.name} is not a single-channel 2D or 3D image; give a greyscale scan.")
+        raise ScanError(
+            f"{path.name} is not a single-channel 2D or 3D image; give a greyscale scan, or its channels as a 4D NIfTI."
+        )
     if image.GetDimension() == 2:
         image = sitk.JoinSeries(image)
     return _scan_from_itk(image, path, shape, dims)
@@ -259,7 +285,7 @@ def _itk_reason(error: RuntimeError) -> str:
     return (lines[-1] if lines else "unreadable").rstrip(".:")
 
 
-def _read_dicom(folder: Path) -> Scan:
+def _read_dicom(folder: Path, channels: int) -> Scan:
     """One DICOM series in ``folder``, read with its geometry by SimpleITK's series reader."""
     import SimpleITK as sitk
 
@@ -287,7 +313,7 @@ def _read_dicom(folder: Path) -> Scan:
     if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
         raise ScanError(f"{folder.name}/ is not a greyscale 3D DICOM series; give a CT or MR series.")
     _check_slice_spacing(reader, image, folder)
-    shape, dims = _volume_shape(image.GetSize(), folder)
+    shape, dims = _volume_shape(image.GetSize(), folder, channels)
     return _scan_from_itk(image, folder, shape, dims)
 
 
@@ -333,13 +359,19 @@ def _check_geometry(scan: Scan) -> None:
         )
 
 
-def read_scan(path: str | Path) -> Scan:
+def read_scan(path: str | Path, channels: int = 1) -> Scan:
     """Read a NIfTI, NRRD or MHA scan, or a folder holding one DICOM series; :class:`ScanError`
-    with one sentence if it is unusable."""
+    with one sentence if it is unusable.
+
+    ``channels`` is how many the model reads: 1 takes a 3D scan (or a 2D slice); more take a
+    4D NIfTI whose 4th dimension holds exactly that many (the Decathlon's multi-modal tasks).
+    Any other combination is refused, naming both counts. NRRD and MHA files with vector
+    voxels, and 4D ones, are refused (their channels would need ITK's own geometry for 4D);
+    DICOM series are single-channel."""
     path = Path(path)
     suffix = scan_suffix(path)
     if path.is_dir():
-        scan = _read_dicom(path)
+        scan = _read_dicom(path, channels)
     elif not suffix:
         raise ScanError(f"{path.name} is not a supported scan; use {', '.join(SUPPORTED_SUFFIXES)}.")
     elif not path.is_file():
@@ -347,24 +379,36 @@ def read_scan(path: str | Path) -> Scan:
     elif path.stat().st_size == 0:
         raise ScanError(f"{path.name} is empty; give a scan ({', '.join(SUPPORTED_SUFFIXES)}).")
     else:
-        scan = _read_nifti(path) if suffix in NIFTI_SUFFIXES else _read_itk(path)
+        scan = _read_nifti(path, channels) if suffix in NIFTI_SUFFIXES else _read_itk(path, channels)
     _check_geometry(scan)
-    non_finite = ~np.isfinite(scan.array)
+    repaired = sum(_repair_non_finite(volume, path) for volume in _channel_views(scan.array))
+    if repaired:
+        scan.warnings.append(
+            f"{path.name}: {repaired} NaN or infinite voxels were set to the lowest finite intensity."
+        )
+    return scan
+
+
+def _channel_views(array: np.ndarray) -> list[np.ndarray]:
+    """Each channel of ``array`` as a writable view (the array itself for one channel)."""
+    return [array] if array.ndim == 3 else [array[..., index] for index in range(array.shape[3])]
+
+
+def _repair_non_finite(volume: np.ndarray, path: Path) -> int:
+    """Set NaN/Inf voxels of one channel (in place) to its lowest finite value, which reads as
+    background: they appear after resampling. Returns how many there were."""
+    non_finite = ~np.isfinite(volume)
     if non_finite.all():
         raise ScanError(f"{path.name} holds no finite intensities; give a scan with image data.")
     if non_finite.any():
-        # NaN/Inf appear after resampling; the lowest finite value reads as background.
-        scan.array[non_finite] = scan.array[~non_finite].min()
-        scan.warnings.append(
-            f"{path.name}: {int(non_finite.sum())} NaN or infinite voxels were set to the lowest finite intensity."
-        )
-    return scan
+        volume[non_finite] = volume[~non_finite].min()
+    return int(non_finite.sum())
 
 
 def check_label_matches(label: Scan, scan: Scan) -> None:
     """Refuse a label file whose voxel grid (shape or affine) is not the scan's: its voxels
     would be scored against the wrong anatomy."""
-    if label.array.shape != scan.array.shape or not np.allclose(label.affine, scan.affine, atol=1e-3):
+    if label.shape != scan.shape or not np.allclose(label.affine, scan.affine, atol=1e-3):
         raise ScanError(
             f"{label.path.name}: the label's shape or affine differs from the image's; "
             f"check that it is the labelling of {scan.path.name}."
@@ -381,8 +425,8 @@ def write_maps(maps: np.ndarray, scan: Scan, path: str | Path, description: str)
     Atomically. NIfTI-1 has no float16, so values are stored as uint16 with a scale of 1/65535
     in the header (steps of 1.5e-5, half float32's size); every NIfTI reader applies it."""
     path = Path(path)
-    if maps.shape[:3] != scan.array.shape:
-        raise ValueError(f"map shape {maps.shape[:3]} differs from the scan's {scan.array.shape}")
+    if maps.shape[:3] != scan.shape:
+        raise ValueError(f"map shape {maps.shape[:3]} differs from the scan's {scan.shape}")
     if scan_suffix(path) not in NIFTI_SUFFIXES:
         raise ScanError(f"Cannot write {path.name}: probability and uncertainty maps are NIfTI (.nii.gz or .nii).")
     header = nib.Nifti1Header()
@@ -398,13 +442,14 @@ def write_maps(maps: np.ndarray, scan: Scan, path: str | Path, description: str)
 
 
 def write_mask(mask: np.ndarray, scan: Scan, path: str | Path, label_names: dict[int, str]) -> Path:
-    """Write integer labels ``mask`` (same shape as ``scan.array``) with the scan's geometry.
+    """Write integer labels ``mask`` (the shape of ``scan``'s grid, :attr:`Scan.shape`) with the
+    scan's geometry: a 3D mask, whatever the scan's channels.
 
     The format follows ``path``'s suffix. Label names go into the NIfTI description (or the
     NRRD/MHA metadata) and, in full, into a ``<name>.labels.json`` sidecar. Written atomically."""
     path = Path(path)
-    if mask.shape != scan.array.shape:
-        raise ValueError(f"mask shape {mask.shape} differs from the scan's {scan.array.shape}")
+    if mask.shape != scan.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from the scan's {scan.shape}")
     suffix = scan_suffix(path)
     if not suffix:
         raise ScanError(f"Cannot write {path.name}: use {', '.join(SUPPORTED_SUFFIXES)}.")

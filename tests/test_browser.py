@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
-from conftest import ROOT, free_port
-from dicom_series import write_series
+from conftest import ROOT, free_port, load_script
 
 pytestmark = pytest.mark.slow
+write_series = load_script("nifti_to_dicom").write_series
 
 CHROMIUM = shutil.which("chromium")
 CHROMIUM_ARGS = [
@@ -247,6 +247,62 @@ def test_the_example_loads_and_an_upload_over_the_limit_gets_one_sentence(browse
             timeout=30_000
         )  # scored against its labels
         page.screenshot(path=str(shots / "viewer_example.png"), full_page=True)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def coloured_share(page, picture) -> float:
+    """The share of a shown picture's pixels that are not grey: the mask over the scan."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    served = page.request.get(picture.evaluate("image => image.src"))  # absolute, as the page fetched it
+    rgb = np.asarray(Image.open(io.BytesIO(served.body())).convert("RGB")).astype(int)
+    return float(np.mean(np.ptp(rgb, axis=2) > 20))
+
+
+def test_a_two_channel_scan_shows_the_channel_picked_under_its_mask_in_a_real_browser(
+    browser_page, hippocampus_root, shots, tmp_path
+):
+    """A tiny two-channel model trained into the store the viewer serves: a 4D upload is
+    segmented, "Channel shown" draws the gradient-magnitude channel under the same mask, and a
+    3D scan gets the one-sentence refusal."""
+    import re
+
+    from test_multichannel import CASE, CHANNEL_NAMES, MODEL_NAME, train_two_channel
+
+    task, _ = train_two_channel(tmp_path, hippocampus_root, epochs=3)
+    url, process = serve(tmp_path)
+    try:
+        page = browser_page
+        page.goto(url)
+        page.wait_for_selector('[data-testid="stFileUploader"]', timeout=60_000)  # the page has run once
+        page.locator(".st-key-model").click()
+        page.get_by_role("option", name=re.compile(f"^{MODEL_NAME} v1")).click()
+        upload_scan(page, task / "imagesTr" / f"{CASE}.nii.gz")
+        page.get_by_text("Against all skips on").first.wait_for(timeout=120_000)
+        wait_for_pictures(page, 3)
+        first_channel = axial_source(page)
+
+        page.locator(".st-key-channel").click()
+        page.get_by_role("option", name=CHANNEL_NAMES[1]).click()
+        page.wait_for_function(
+            "(before) => document.querySelector('[data-testid=\"stImage\"] img').getAttribute('src') !== before",
+            arg=first_channel,
+            timeout=60_000,
+        )
+        settle(page)
+        shown = page.locator('[data-testid="stImage"] img').first
+        assert coloured_share(page, shown) > 0.02, "the mask is drawn over the channel"
+        page.screenshot(path=str(shots / "viewer_two_channels.png"), full_page=True)
+
+        upload_scan(page, hippocampus_root / "Task04_Hippocampus" / "imagesTr" / f"{CASE}.nii.gz")
+        page.get_by_text("but the model reads 2; give a scan with one channel per model input.").wait_for(
+            timeout=60_000
+        )
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -27,7 +27,6 @@ import SimpleITK as sitk
 import tomllib
 from conftest import ROOT, load_script, segment_command, set_args, tiny_hippocampus_overrides
 from conftest import data_root as hippocampus_data_root
-from dicom_series import write_series
 from PIL import Image
 from scipy import ndimage
 from segment.app.metrics_table import (
@@ -74,6 +73,7 @@ from segment.tracking.runs import RegisteredModel
 from segment.workflows import load
 from segment.workflows.viewer import STREAMLIT_SETTINGS
 
+write_series = load_script("nifti_to_dicom").write_series
 VIEWER = str(ROOT / "app" / "viewer.py")
 CASE = "hippocampus_001"
 
@@ -310,6 +310,33 @@ def test_nrrd_mha_and_a_zipped_dicom_series_upload_as_the_nifti_does(hippocampus
     with pytest.raises(ScanError) as refused:
         read_upload("junk.zip", b"PK not really a zip", "scan")
     assert "junk.zip" in str(refused.value) and "scan.zip" not in str(refused.value)
+
+
+def test_a_zip_of_two_series_or_of_no_dicom_files_is_refused_in_one_sentence_naming_it(tmp_path):
+    volume = sitk.GetImageFromArray(np.arange(4 * 8 * 8, dtype=np.int16).reshape(4, 8, 8))
+    uids = ("1.2.826.0.1.3680043.2.1125.11", "1.2.826.0.1.3680043.2.1125.12")
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for uid in uids:
+            for path in sorted(write_series(volume, tmp_path / uid, uid).iterdir()):
+                zipped.write(path, f"{uid}/{path.name}")
+        zipped.writestr("README.txt", "two series")
+    with pytest.raises(ScanError) as two:
+        read_upload("Two Series.zip", archive.getvalue(), "scan")
+    message = str(two.value)
+    assert message.startswith("Two Series.zip/ holds 2 DICOM series, give one per folder: "), message
+    assert all(f"{uid} (4 files)" in message for uid in uids)
+    assert "\n" not in message and message.endswith(".")
+
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("notes.txt", "not an image")
+        zipped.writestr("slice.dcm", bytes(200))
+    with pytest.raises(ScanError) as junk:
+        read_upload("notes.zip", archive.getvalue(), "scan")
+    message = str(junk.value)
+    assert message.startswith("notes.zip/ holds no DICOM series"), message
+    assert "\n" not in message and message.endswith(".")
 
 
 def test_the_upload_limit_is_the_same_in_the_docs_the_repositorys_settings_and_segment_app():

@@ -4,13 +4,15 @@ and prediction, plus sampling and augmentation for training only."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from monai import transforms as T
 from monai.data import MetaTensor
 from monai.transforms import Randomizable
 
-from segment.config import ExperimentConfig
+from segment.config import DataConfig, ExperimentConfig
 from segment.io import Scan, read_scan
 
 IMAGE, LABEL = "image", "label"
@@ -19,7 +21,8 @@ FOREGROUND_INDICES, BACKGROUND_INDICES = f"{LABEL}_fg_indices", f"{LABEL}_bg_ind
 
 
 def orient_and_normalise(config: ExperimentConfig, keys: tuple[str, ...], keep_meta: bool = False) -> list:
-    """RAS orientation, optional resampling, intensity normalisation of a channel-first volume.
+    """RAS orientation, optional resampling, intensity normalisation of a channel-first volume
+    (each channel on its own: a multi-modal scan's sequences have unrelated intensities).
 
     With ``keep_meta`` the output remembers what was done, so a prediction can be mapped back
     onto the original voxel grid with MONAI's ``Invertd``."""
@@ -29,13 +32,18 @@ def orient_and_normalise(config: ExperimentConfig, keys: tuple[str, ...], keep_m
         modes = ["bilinear" if key == IMAGE else "nearest" for key in keys]
         steps.append(T.Spacingd(keys, pixdim=data.spacing, mode=modes))
     if data.modality == "ct":
-        low, high = data.ct_window
-        steps.append(T.ScaleIntensityRanged(IMAGE, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True))
+        low, high = ct_clip(data)
+        # Linear, so one range scaling is both the clip and the z-score (or the 0-1 window).
+        steps.append(
+            T.ScaleIntensityRanged(
+                IMAGE, a_min=low, a_max=high, b_min=ct_floor(data), b_max=_ct_ceiling(data), clip=True
+            )
+        )
     else:
         low, high = data.clip_percentiles
         steps += [
-            T.ClipIntensityPercentilesd(IMAGE, lower=low, upper=high),
-            T.NormalizeIntensityd(IMAGE),
+            T.ClipIntensityPercentilesd(IMAGE, lower=low, upper=high, channel_wise=True),
+            T.NormalizeIntensityd(IMAGE, channel_wise=True),
         ]
     steps.append(T.EnsureTyped(IMAGE, dtype="float32", track_meta=keep_meta))
     if LABEL in keys:
@@ -43,28 +51,70 @@ def orient_and_normalise(config: ExperimentConfig, keys: tuple[str, ...], keep_m
     return steps
 
 
+def ct_clip(data: DataConfig) -> tuple[float, float]:
+    """The Hounsfield range a CT scan is clipped to: the foreground's (low, high) when the
+    planner measured it, else the fixed window."""
+    return tuple(data.ct_foreground[:2]) if data.ct_foreground is not None else tuple(data.ct_window)
+
+
+def _ct_normalised(data: DataConfig, value: float) -> float:
+    if data.ct_foreground is None:
+        low, high = data.ct_window
+        return (value - low) / (high - low)
+    _, _, mean, std = data.ct_foreground
+    return (value - mean) / std
+
+
+def ct_floor(data: DataConfig) -> float:
+    """What the lowest clipped intensity (air) becomes after normalisation: 0 with the window,
+    a negative z-score with the foreground statistics."""
+    return _ct_normalised(data, ct_clip(data)[0])
+
+
+def _ct_ceiling(data: DataConfig) -> float:
+    return _ct_normalised(data, ct_clip(data)[1])
+
+
+@dataclass(frozen=True)
+class Above:
+    """``CropForegroundd``'s test for foreground: intensities above ``floor`` (a class, not a
+    lambda, so that the transform pickles into loader worker processes)."""
+
+    floor: float
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return image > self.floor
+
+
 def scan_as_tensor(scan: Scan) -> MetaTensor:
-    """``scan`` as a channel-first (1, X, Y, Z) MetaTensor carrying its voxel -> RAS affine."""
-    return MetaTensor(torch.from_numpy(scan.array[None].copy()), affine=torch.from_numpy(scan.affine))
+    """``scan`` as a channel-first (C, X, Y, Z) MetaTensor carrying its voxel -> RAS affine."""
+    array = scan.array[None] if scan.array.ndim == 3 else np.moveaxis(scan.array, -1, 0)
+    return MetaTensor(torch.from_numpy(np.ascontiguousarray(array)), affine=torch.from_numpy(scan.affine))
 
 
 class ReadScand(T.MapTransform):
     """Reads the files named under ``keys`` with :func:`segment.io.read_scan`, the reader
     prediction uses, so training sees scans exactly as prediction will (same checks, same
-    repair of NaN voxels, NRRD and MHA too)."""
+    repair of NaN voxels, NRRD and MHA too). ``channels``: how many each key's files hold
+    (the image the model's ``in_channels``); 1 for keys not named."""
+
+    def __init__(self, keys, channels: dict[str, int] | None = None) -> None:
+        super().__init__(keys)
+        self.channels = channels or {}
 
     def __call__(self, data: dict) -> dict:
         read = dict(data)
         for key in self.key_iterator(read):
-            read[key] = scan_as_tensor(read_scan(read[key]))
+            read[key] = scan_as_tensor(read_scan(read[key], self.channels.get(key, 1)))
         return read
 
 
 def read_and_normalise(config: ExperimentConfig) -> list:
     """Read an image and its label from disk, channel-first, then :func:`orient_and_normalise`.
     Deterministic, so a CacheDataset keeps its output in memory. Every scan is read as a 3D
-    volume; 2D models see its axial slices later."""
-    return [ReadScand((IMAGE, LABEL)), *orient_and_normalise(config, (IMAGE, LABEL))]
+    volume of ``model.in_channels`` channels; 2D models see its axial slices later."""
+    reader = ReadScand((IMAGE, LABEL), channels={IMAGE: config.model.in_channels})
+    return [reader, *orient_and_normalise(config, (IMAGE, LABEL))]
 
 
 def _sample(config: ExperimentConfig) -> list:
@@ -74,9 +124,13 @@ def _sample(config: ExperimentConfig) -> list:
     keys = (IMAGE, LABEL)
     steps: list = []
     if data.modality == "ct":
-        # The air around the body (below the window, 0 after scaling) holds no label: cropped
-        # once, in the cache, as in MONAI's spleen recipe. Validation keeps whole scans.
-        steps.append(T.CropForegroundd(keys, source_key=IMAGE, allow_smaller=True))
+        # The air around the body holds no label: cropped once, in the cache, as in MONAI's
+        # spleen recipe. Validation keeps whole scans. Air was clipped to the lowest intensity,
+        # which normalisation maps to ct_floor (0 with the window, a negative z-score with
+        # ct_foreground, where tissue below the mean is negative too): foreground is above it.
+        steps.append(
+            T.CropForegroundd(keys, source_key=IMAGE, select_fn=Above(ct_floor(data)), allow_smaller=True)
+        )
     if dims == 2:
         # Axial slices of the RAS volume: its last axis is inferior -> superior.
         steps += [

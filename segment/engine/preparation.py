@@ -25,7 +25,7 @@ PREDICTION = "prediction"
 class PreparedScan:
     """A scan as the model sees it, plus what is needed to map results back onto the scan."""
 
-    volume: torch.Tensor  # (1, 1, X, Y, Z) float32, RAS, normalised
+    volume: torch.Tensor  # (1, C, X, Y, Z) float32, RAS, normalised
     data: dict
     transform: T.Compose
 
@@ -55,11 +55,17 @@ class PreparedScan:
 def prepare(scan: Scan, config: ExperimentConfig) -> PreparedScan:
     """Orient and normalise ``scan`` exactly as the training pipeline did.
 
-    :class:`ScanError` if the scan is a 2D image and the model a 3D one."""
+    :class:`ScanError` if the scan is a 2D image and the model a 3D one, or if its channels
+    are not the model's inputs (a scan read for another model)."""
     if scan.spatial_dims == 2 and config.model.spatial_dims == 3:
         raise ScanError(
             f"{scan.path.name} is a 2D image but {config.name} is a 3D model; "
             "give it a 3D volume, or use a 2D model."
+        )
+    if scan.channels != config.model.in_channels:
+        raise ScanError(
+            f"{scan.path.name} has {scan.channels} channel{'s' if scan.channels > 1 else ''} but "
+            f"{config.name} reads {config.model.in_channels}; give a scan with one channel per model input."
         )
     transform = T.Compose(orient_and_normalise(config, (IMAGE,), keep_meta=True))
     data = transform({IMAGE: scan_as_tensor(scan)})
@@ -70,15 +76,17 @@ def _pad_tiny(volume: torch.Tensor, config: ExperimentConfig) -> torch.Tensor:
     """``volume`` (1, C, X, Y, Z), padded at the far end of each axis if it is too small for
     the network; :meth:`PreparedScan.restore` crops the prediction back.
 
-    Instance norm needs more than one voxel per feature map, and each level halves the size
-    (rounding up): a volume with no axis longer than 2**(levels-1) is one voxel at the
-    coarsest level. Such a volume is padded to 2**(levels-1) + 1 along every axis, repeating
-    its edge values; a 2D model pads only the in-slice axes. Real scans are never touched."""
-    coarsest = 2 ** (config.model.levels - 1)
+    Instance norm needs more than one voxel per feature map, and each level divides the size
+    by its pooling factor per axis (rounding up): one voxel of the coarsest level spans
+    ``level_scales[-1]`` voxels (2**(levels-1) along every axis by default), so a volume no
+    longer than that along any axis is one voxel there. Such a volume is padded to that span
+    + 1 along every axis, repeating its edge values; a 2D model pads only the in-slice axes.
+    Real scans are never touched."""
+    coarsest = config.model.level_scales[-1]
     spatial = volume.shape[2:] if config.model.spatial_dims == 3 else volume.shape[2:4]
-    if max(spatial) > coarsest:
+    if any(size > span for size, span in zip(spatial, coarsest, strict=True)):
         return volume
     padding = [0, 0] * (3 - len(spatial))  # torch.nn.functional.pad lists the last axis first
-    for size in reversed(spatial):
-        padding += [0, coarsest + 1 - size]
+    for size, span in zip(reversed(spatial), reversed(coarsest), strict=True):
+        padding += [0, span + 1 - size]
     return torch.nn.functional.pad(volume, padding, mode="replicate")

@@ -99,7 +99,7 @@ def score_cases(
     scored = ScoredCases({mask: [] for mask in skip_masks}, {steps: [] for steps in postprocessing})
     first: Scan | None = None
     for case in tqdm(cases, desc="cases", disable=not progress):
-        scan, label = read_scan(case["image"]), read_scan(case["label"])
+        scan, label = read_scan(case["image"], config.model.in_channels), read_scan(case["label"])
         check_label_matches(label, scan)
         if first is None:
             first = scan

@@ -43,5 +43,5 @@ def load(model: str, *, tracking_uri: str | None = None, device: str = "auto") -
 def explore(model: LoadedModel, scan: Scan | str | Path) -> SkipExplorer:
     """``scan`` (a read :class:`Scan` or a file) under ``model``, ready for any skip mask:
     ``explorer.mask((1, 0, 1, 1))`` re-runs only the decoder on the cached encoder output."""
-    scan = scan if isinstance(scan, Scan) else read_scan(scan)
+    scan = scan if isinstance(scan, Scan) else read_scan(scan, model.config.model.in_channels)
     return SkipExplorer(model.network, model.config, scan, model.runtime)

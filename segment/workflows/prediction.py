@@ -147,7 +147,8 @@ def predict(
     progress: bool = True,
 ) -> PredictionResult:
     """Segment a scan (``.nii``, ``.nii.gz``, ``.nrrd``, ``.mha``, or a folder holding one DICOM
-    series) or a folder of scans.
+    series) or a folder of scans. A model with several input channels reads 4D NIfTI scans
+    whose 4th dimension holds them (:func:`segment.io.read_scan`).
 
     ``skip_mask`` switches long skips on (1) or off (0), finest level first; None keeps the
     model's own. ``postprocessing`` cleans each mask before it is written (keep each label's
@@ -187,7 +188,7 @@ def predict(
     ):
         maps: dict[str, Path] = {}
         try:
-            scan = read_scan(source)
+            scan = read_scan(source, config.model.in_channels)
             prepared = prepare(scan, config)
             labels = predict_labels(
                 network, prepared, runtime, config, skip_mask, progress=progress and len(targets) == 1
