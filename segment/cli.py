@@ -57,6 +57,10 @@ ModelOption = Annotated[
     ),
 ]
 DeviceOption = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
+DataRootOption = Annotated[
+    Path | None,
+    typer.Option(help="Folder holding MSD task folders (default: $SEGMENT_DATA_ROOT, else ./data)."),
+]
 KeepLargestOption = Annotated[
     bool, typer.Option("--keep-largest", help="Keep only the largest connected component of each label.")
 ]
@@ -140,11 +144,12 @@ def train(
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="Experiment YAML, e.g. configs/hippocampus_3d.yaml.")
     ] = None,
-    overrides: SetOption = None,
-    data_root: Annotated[
-        Path | None,
-        typer.Option(help="Folder holding MSD task folders (default: $SEGMENT_DATA_ROOT, else ./data)."),
+    task: Annotated[
+        str | None,
+        typer.Option(help="Plan a config for this task (a name under the data root, or a task folder) and train it."),
     ] = None,
+    overrides: SetOption = None,
+    data_root: DataRootOption = None,
     tracking_uri: StoreOption = None,
     resume: Annotated[
         str | None, typer.Option(help="MLflow run id to continue from its last checkpoint, in the same run.")
@@ -155,13 +160,19 @@ def train(
     device: DeviceOption = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
-    """Train a U-Net from a config; every run is tracked in MLflow. Runs under torchrun too."""
+    """Train a U-Net from a config, or from a plan made on the fly for --task; every run is
+    tracked in MLflow. Runs under torchrun too."""
     from segment import reporting, workflows
     from segment.workflows.training import TrainingInterrupted
 
     overrides = _overrides(overrides, context)
-    if (config is None) == (resume is None):
-        raise InputError("Give either --config to start a run or --resume RUN_ID to continue one.")
+    if sum(given is not None for given in (config, task, resume)) != 1:
+        raise InputError(
+            "Give one of --config or --task to start a run, or --resume RUN_ID to continue one."
+        )
+    if task is not None:
+        folder, data_root = workflows.planning.task_location(task, data_root)
+        config = workflows.plan(folder, device=device, progress=not quiet).config
     where = {"data_root": data_root, "tracking_uri": tracking_uri, "output_dir": output_dir}
     try:
         if resume is not None:
@@ -173,6 +184,25 @@ def train(
         raise typer.Exit(code=EXIT_INTERRUPTED) from None
     if result.is_main_process:  # under torchrun the first process prints the summary
         typer.echo(reporting.training_summary(result))
+
+
+@app.command()
+def plan(
+    task: Annotated[str, typer.Argument(help="A task name under the data root (Task05_Prostate) or a task folder.")],
+    data_root: DataRootOption = None,
+    device: Annotated[str, typer.Option(help="Plan for auto (CUDA when present), cpu or cuda.")] = "auto",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the config here (else it is printed).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Plan a config from a task's own data (spacing, 2D/3D, patch, levels, pooling per axis,
+    channels, normalisation, mirroring), each value commented with why; `segment train
+    --config` takes it unchanged."""
+    from segment import workflows
+
+    planned = workflows.plan(task, data_root=data_root, device=device, output=output, progress=not quiet)
+    typer.echo(f"Wrote {output}." if output is not None else planned.to_yaml().rstrip())
 
 
 @app.command()

@@ -60,6 +60,7 @@ def load_script(name: str) -> ModuleType:
     """Import ``data_scripts/<name>.py``, which is a folder of scripts, not a package."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "data_scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while it runs
     spec.loader.exec_module(module)
     return module
 

@@ -92,12 +92,36 @@ class ModelConfig(_Section):
         "all but the two coarsest levels. Prediction uses the full-resolution output alone.",
     )
 
+    pooling: tuple[tuple[int, ...], ...] | None = Field(
+        None,
+        description="How each level below the first pools the one above it, finest transition "
+        "first: levels - 1 entries, each one factor (1 or 2) per spatial axis in the network's "
+        "axis order (X, Y, Z of the RAS volume; a 2D model's two in-slice axes). For thick "
+        "slices, pool the fine axes first as nnU-Net does, e.g. [[2,2,1],[2,2,1],[2,2,2],[2,2,2]] "
+        "for 0.6 x 0.6 x 3.6 mm voxels. null: 2 along every axis at every level.",
+    )
+
     @property
     def widths(self) -> tuple[int, ...]:
         """Channels per level, finest first."""
         if self.channels is not None:
             return self.channels
         return tuple(min(self.base_channels * 2**level, MAX_DERIVED_CHANNELS) for level in range(self.levels))
+
+    @property
+    def pool_factors(self) -> tuple[tuple[int, ...], ...]:
+        """The pooling factor per axis of each level below the first, finest first."""
+        if self.pooling is not None:
+            return self.pooling
+        return ((2,) * self.spatial_dims,) * self.num_skips
+
+    @property
+    def level_scales(self) -> tuple[tuple[int, ...], ...]:
+        """How many input voxels one voxel of each level spans per axis, level 1 first."""
+        scales = [(1,) * self.spatial_dims]
+        for factors in self.pool_factors:
+            scales.append(tuple(scale * factor for scale, factor in zip(scales[-1], factors, strict=True)))
+        return tuple(scales)
 
     @property
     def num_skips(self) -> int:
@@ -147,6 +171,29 @@ class ModelConfig(_Section):
             raise ValueError(f"skip_dropout values must be in [0, 1), got {list(probabilities)}")
         return self
 
+    @model_validator(mode="after")
+    def _check_pooling(self) -> ModelConfig:
+        if self.pooling is None:
+            return self
+        if len(self.pooling) != self.num_skips:
+            raise ValueError(
+                f"pooling lists {len(self.pooling)} entries but a {self.levels}-level model pools "
+                f"{self.num_skips} times; give one entry per level below the first, finest first"
+            )
+        for level, factors in enumerate(self.pooling, start=2):
+            if len(factors) != self.spatial_dims:
+                raise ValueError(
+                    f"pooling of level {level} is {list(factors)} but the model has "
+                    f"{self.spatial_dims} spatial axes; give one factor per axis"
+                )
+            if any(factor not in (1, 2) for factor in factors):
+                raise ValueError(f"pooling factors must be 1 or 2, got {list(factors)} for level {level}")
+            if 2 not in factors:
+                raise ValueError(
+                    f"pooling of level {level} is all ones; every level must pool by 2 along at least one axis"
+                )
+        return self
+
     @property
     def skip_dropout_per_level(self) -> tuple[float, ...]:
         if isinstance(self.skip_dropout, tuple):
@@ -169,6 +216,15 @@ class DataConfig(_Section):
     )
     ct_window: tuple[float, float] = Field(
         (-175.0, 250.0), description="CT only: the Hounsfield window scaled to 0-1, outside values clipped."
+    )
+    ct_foreground: tuple[float, float, float, float] | None = Field(
+        None,
+        description="CT only: (low, high, mean, std) of the training set's foreground intensities: "
+        "clip to [low, high] and z-score with mean and std (nnU-Net's CT normalisation); null scales "
+        "the fixed ct_window to 0-1.",
+    )
+    channel_names: tuple[str, ...] | None = Field(
+        None, description="The modality of each input channel, from the task's dataset.json, for display."
     )
     clip_percentiles: tuple[float, float] = Field(
         (0.5, 99.5), description="MRI and EM: the intensity percentiles clipped to before the z-score."
@@ -258,6 +314,12 @@ class DataConfig(_Section):
             raise ValueError(f"scale_range must be two factors with 0 < low <= high, got {[low, high]}")
         if self.fold and self.folds is None:
             raise ValueError("fold is set but folds is not; give data.folds too, e.g. data.folds=5")
+        if self.ct_foreground is not None:
+            low, high, _, std = self.ct_foreground
+            if not (low < high and std > 0):
+                raise ValueError(
+                    f"ct_foreground must be (low, high, mean, std) with low < high and std > 0, got {list(self.ct_foreground)}"
+                )
         if self.folds is not None and self.fold >= self.folds:
             raise ValueError(
                 f"fold must be one of 0..{self.folds - 1} with {self.folds} folds, got {self.fold}"

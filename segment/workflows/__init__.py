@@ -11,6 +11,7 @@ from segment.workflows.evaluation import AblationRow, EvaluationReport, ablate, 
 from segment.workflows.inspection import ModelDescription, RunsOverview, describe, runs, study
 from segment.workflows.models import LoadedModel, explore, load
 from segment.workflows.packaging import ensemble, export
+from segment.workflows.planning import Plan, plan
 from segment.workflows.prediction import PredictedMask, PredictionResult, predict
 from segment.workflows.training import TrainingResult, resume, train
 from segment.workflows.viewer import serve_viewer
@@ -20,6 +21,7 @@ __all__ = [
     "EvaluationReport",
     "LoadedModel",
     "ModelDescription",
+    "Plan",
     "PredictedMask",
     "PredictionResult",
     "RunsOverview",
@@ -31,6 +33,7 @@ __all__ = [
     "explore",
     "export",
     "load",
+    "plan",
     "predict",
     "resume",
     "runs",
