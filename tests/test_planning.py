@@ -19,7 +19,7 @@ from segment.cli import app
 from segment.config import load_config
 from segment.planning import fingerprint as fingerprinting
 from segment.planning.fingerprint import CaseFacts, ChannelStats, Fingerprint, FingerprintError, fingerprint
-from segment.planning.plan import BUDGETS, MAX_LEVELS, MIN_COARSEST, plan_task
+from segment.planning.plan import BUDGETS, MIN_COARSEST, plan_task
 
 fixtures = load_script("msd_fixtures")
 TASKS = list(fixtures.TASKS)
@@ -65,7 +65,7 @@ def test_every_decathlon_task_is_planned_from_its_own_data(stand_ins, task):
     size = config.data.patch_size or np.median(
         [case.shape for case in fingerprint(stand_ins / task, progress=False).cases], axis=0
     )
-    assert (coarsest(size, pooling) >= MIN_COARSEST - 1).all() and config.model.levels <= MAX_LEVELS
+    assert (coarsest(size, pooling) >= MIN_COARSEST - 1).all() and config.model.levels <= BUDGETS["cpu"].max_levels
     assert config.data.flip_axes == (() if task == "Task02_Heart" else (0,)), "no mirroring of a left atrium"
     assert config.model.spatial_dims == 3
 

@@ -33,7 +33,6 @@ from segment.planning.fingerprint import Fingerprint
 ANISOTROPY = 3.0
 VERY_ANISOTROPIC = 6.0
 MIN_COARSEST = 4
-MAX_LEVELS = 6
 
 
 @dataclass(frozen=True)
@@ -46,14 +45,17 @@ class Budget:
     batch_2d: int
     base_channels_3d: int
     base_channels_2d: int
+    max_levels: int
 
 
 # cpu: what the project's CPU recipes train in their 10-minute budgets on 2 cores (a batch of two
-# hippocampus volumes, two 256 x 256 EM patches). cuda: nnU-Net's defaults for a GPU of 10 GB or
-# more (128^3 patches in 3D, 512^2 in 2D, 32 channels at full resolution); not measured here.
+# hippocampus volumes, two 256 x 256 EM patches, five levels: a sixth adds the widest
+# convolutions for context that patches this small do not need). cuda: nnU-Net's defaults for a
+# GPU of 10 GB or more (128^3 patches in 3D, 512^2 in 2D, 32 channels at full resolution, six
+# levels); not measured here.
 BUDGETS = {
-    "cpu": Budget(2 * 64**3, 2 * 256**2, 2, 2, 8, 16),
-    "cuda": Budget(2 * 128**3, 12 * 512**2, 2, 12, 32, 32),
+    "cpu": Budget(2 * 64**3, 2 * 256**2, 2, 2, 8, 16, 5),
+    "cuda": Budget(2 * 128**3, 12 * 512**2, 2, 12, 32, 32, 6),
 }
 SIDE_WORDS = {0: ("left", "right"), 1: ("anterior", "posterior"), 2: ("superior", "inferior")}
 
@@ -98,12 +100,12 @@ def target_spacing(found: Fingerprint) -> tuple[tuple[float, ...], str]:
     )
 
 
-def _pooling(shape: np.ndarray, spacing: np.ndarray) -> list[list[int]]:
+def _pooling(shape: np.ndarray, spacing: np.ndarray, max_levels: int) -> list[list[int]]:
     """Per-level pooling factors: pool the axes that stay >= MIN_COARSEST voxels and whose
     spacing is within twice the finest spacing of those axes."""
     shape, spacing = shape.astype(float), spacing.astype(float)
     pooling = []
-    while len(pooling) < MAX_LEVELS - 1:
+    while len(pooling) < max_levels - 1:
         long_enough = np.ceil(shape / 2) >= MIN_COARSEST
         if not long_enough.any():
             break
@@ -204,13 +206,13 @@ def plan_task(found: Fingerprint, device: str = "cpu") -> Plan:
     batch = budget.batch_3d if dims == 3 else budget.batch_2d
     whole = bool(np.prod(np.ceil(shape)) <= per_sample) and dims == 3
     patch = np.ceil(shape).astype(int) if whole else _fit_patch(np.ceil(shape), plane_spacing, per_sample)
-    pooling = _pooling(patch, plane_spacing)
+    pooling = _pooling(patch, plane_spacing, budget.max_levels)
     while (
         not whole
         and (rounded := _divisible(patch, pooling, plane_spacing, per_sample)).tolist() != patch.tolist()
     ):
         # Rounding down can cost the coarsest level a voxel: pool again for the rounded patch.
-        patch, pooling = rounded, _pooling(rounded, plane_spacing)
+        patch, pooling = rounded, _pooling(rounded, plane_spacing, budget.max_levels)
     coarsest = _coarsest(patch, pooling)
     same_spacing = bool(np.allclose(found.spacings, spacing_array, rtol=0.01))
     normalisation, why_normalisation = _normalisation(found)
@@ -262,7 +264,7 @@ def plan_task(found: Fingerprint, device: str = "cpu") -> Plan:
             "model.in_channels": f"one input per modality: {', '.join(found.modalities.values())}",
             "model.out_channels": f"background and {len(found.labels) - 1} label(s)",
             "model.levels": f"as many as keep the coarsest level at least {MIN_COARSEST} voxels per axis "
-            f"(here {_shape_text(coarsest)}), at most {MAX_LEVELS}",
+            f"(here {_shape_text(coarsest)}), at most {budget.max_levels} for a {device} step",
             "model.pooling": "per level, 2 along each axis still long enough and no coarser than twice the "
             "finest, 1 otherwise: fine axes first",
             "model.base_channels": f"the width at full resolution for a {device} step",
@@ -270,7 +272,10 @@ def plan_task(found: Fingerprint, device: str = "cpu") -> Plan:
             "inference stays in distribution",
         }
     )
-    trainer = {"batch_size": batch, "lr": 0.002, "dice_background": False, "val_every": 2}
+    # A 2D model validates by sliding windows over every slice of every validation case, which
+    # costs several of its short patch epochs; a 3D epoch is long next to its validation.
+    val_every = 5 if dims == 2 else 2
+    trainer = {"batch_size": batch, "lr": 0.002, "dice_background": False, "val_every": val_every}
     if not whole:
         trainer["roi_size"] = patch.tolist()
     reasons.update(
@@ -278,7 +283,12 @@ def plan_task(found: Fingerprint, device: str = "cpu") -> Plan:
             "trainer.batch_size": f"samples per step within the {device} budget",
             "trainer.lr": "the project's CPU recipes' peak learning rate for batches of two",
             "trainer.dice_background": "the Dice half of the loss over the labels only, as nnU-Net",
-            "trainer.val_every": "validate every second epoch",
+            "trainer.val_every": f"validate every {'fifth' if dims == 2 else 'second'} epoch: "
+            + (
+                "sliding windows over every validation slice cost several patch epochs"
+                if dims == 2
+                else "a 3D epoch is long next to its validation"
+            ),
         }
     )
     if not whole:
