@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -18,9 +20,17 @@ def mask_text(flags) -> str:
     return "".join(str(int(flag)) for flag in flags)
 
 
-def level_name(level: int, levels: int) -> str:
-    """``level 1 (full resolution)``, ``level 2 (1/2)``, ... for long skip ``level`` (from 1)."""
-    scale = "full resolution" if level == 1 else f"1/{2 ** (level - 1)}"
+def level_name(level: int, levels: int, pooling: Sequence[Sequence[int]] | None = None) -> str:
+    """``level 1 (full resolution)``, ``level 2 (1/2)``, ... for long skip ``level`` (from 1);
+    with per-axis ``pooling`` (``model.pooling``) each axis's scale, ``level 3 (1/4 x 1/4 x 1/2)``."""
+    factors = list(pooling or [])[: level - 1] or [(2,)] * (level - 1)
+    scales = [math.prod(axis) for axis in zip(*factors, strict=True)] or [1]
+    if level == 1:
+        scale = "full resolution"
+    elif len(set(scales)) == 1:
+        scale = f"1/{scales[0]}"
+    else:
+        scale = " x ".join(f"1/{s}" if s > 1 else "1" for s in scales)
     return f"level {level} ({scale})" if level < levels else f"level {level}"
 
 
@@ -175,7 +185,7 @@ def _ablation_table(base: EvaluatedRun, trained_without: dict[tuple[int, ...], E
         elif len(off) == len(mask):
             what = "all off"
         else:
-            what = "off: " + ", ".join(level_name(level, record.levels or 0) for level in off)
+            what = "off: " + ", ".join(level_name(level, record.levels or 0, record.pooling) for level in off)
         reference = trained_without.get(mask)
         trained = (
             f"{reference.report['mean_dice']:.4f} ({reference.record.config_name})"

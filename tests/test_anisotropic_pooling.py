@@ -22,6 +22,7 @@ from segment.io import Scan, read_scan
 from segment.models import UNet, build_model
 from segment.models.ensemble import mismatch
 from segment.models.graph_export import export_graph
+from segment.reporting import level_name
 from segment.training.callbacks import BEST_MODEL_DIR
 from segment.training.checkpoint import load_checkpoint
 from segment.training.setup import training_loss
@@ -239,3 +240,11 @@ def test_segment_train_with_anisotropic_pooling_saves_a_model_that_predicts_the_
     trained_mask = SkipExplorer(trained, loaded.config, scan, loaded.runtime).mask()
     assert saved_mask.shape == scan.shape
     assert (saved_mask == trained_mask).all()
+
+
+def test_the_ablation_report_names_each_levels_scale_per_axis():
+    assert level_name(2, 5) == "level 2 (1/2)" and level_name(1, 5) == "level 1 (full resolution)"
+    pooling = [[2, 2, 1], [2, 2, 2], [2, 2, 2], [1, 2, 1]]
+    assert level_name(2, 5, pooling) == "level 2 (1/2 x 1/2 x 1)"
+    assert level_name(3, 5, pooling) == "level 3 (1/4 x 1/4 x 1/2)"
+    assert level_name(4, 5, [[2, 2, 2]] * 4) == "level 4 (1/8)"

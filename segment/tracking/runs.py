@@ -67,6 +67,12 @@ class RunRecord:
         )
 
     @property
+    def pooling(self) -> tuple[tuple[int, ...], ...] | None:
+        """The model's pooling factors per level and axis, when it set them (model.pooling)."""
+        pooling = _literal(self.params.get("model.pooling"))
+        return None if pooling is None else tuple(tuple(level) for level in pooling)
+
+    @property
     def run_id(self) -> str:
         return self.info.run_id
 
