@@ -164,3 +164,22 @@ def test_an_unwritable_checkpoint_folder_is_refused_before_training(tmp_path, en
     )
     assert "read-only" in one_sentence_error(result)
     assert not (tmp_path / "mlflow.db").exists(), "a run was started"
+
+
+@pytest.mark.slow
+def test_two_trainings_started_together_on_a_new_sqlite_store_both_finish(tmp_path, env):
+    """MLflow creates a SQLite store's tables on first use; two processes doing it at once both
+    failed inside its schema migration. Both now finish, with two runs and two model versions."""
+    trainings = [
+        start_tiny_training(
+            tmp_path, env, tmp_path / f"runs{index}", 1, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        for index in (1, 2)
+    ]
+    outputs = [training.communicate(timeout=300)[0].decode() for training in trainings]
+    assert [training.returncode for training in trainings] == [0, 0], outputs
+    client = store_client(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
+    assert sorted(run.info.status for run in runs) == ["FINISHED", "FINISHED"]
+    versions = client.search_model_versions(f"name='{runs[0].data.params['name']}'")
+    assert sorted(int(version.version) for version in versions) == [1, 2]

@@ -70,7 +70,32 @@ def use_store(tracking_uri: str | None = None) -> str:
     uri = resolve_tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    _create_sqlite_store(uri)
     return uri
+
+
+def _create_sqlite_store(uri: str) -> None:
+    """Create (or migrate) a SQLite store's tables under a lock file beside it. MLflow creates
+    them on first use, and two processes doing that at once (two trainings started together on
+    a new store) both fail inside its schema migration; the second now waits and finds them made.
+    The lock file stays, so a process that finds it waits for whoever holds it."""
+    database = Path(uri.removeprefix(SQLITE))
+    if not uri.startswith(SQLITE) or str(database) == ":memory:":
+        return
+    lock_path = database.with_name(f"{database.name}.lock")
+    if database.is_file() and database.stat().st_size and not lock_path.exists():
+        return  # a store made before this lock existed, or by MLflow itself
+    try:
+        lock = lock_path.open("a")
+    except OSError:
+        return  # a folder nobody here can write: no store to create in it
+    import fcntl
+
+    with lock, store_errors("create its tables"):
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = MlflowClient(uri, uri)
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -114,7 +139,13 @@ def run_name(config: ExperimentConfig, overrides: list[str] | None = None) -> st
 def _experiment_id(client: MlflowClient, task: str) -> str:
     experiment = client.get_experiment_by_name(task)
     if experiment is None:
-        return client.create_experiment(task, artifact_location=_artifact_root(task), tags=EXPERIMENT_KIND)
+        try:
+            return client.create_experiment(task, artifact_location=_artifact_root(task), tags=EXPERIMENT_KIND)
+        except MlflowException:
+            # Another process created it between the lookup and the creation.
+            experiment = client.get_experiment_by_name(task)
+            if experiment is None:
+                raise
     if experiment.tags.get("mlflow.experimentKind") is None:
         for key, value in EXPERIMENT_KIND.items():
             client.set_experiment_tag(experiment.experiment_id, key, value)
