@@ -4,6 +4,7 @@ evaluations logged back onto the runs that trained the models."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import warnings
@@ -32,6 +33,9 @@ DEFAULT_STORE = "mlflow.db"
 SQLITE = "sqlite:///"
 # Opens the experiment in MLflow's model-training view, not its GenAI view.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# What MLflow logs at INFO while it creates a store's tables ("Creating initial MLflow database
+# tables...", each migration).
+STORE_CREATION_LOGGERS = ("mlflow.store.db.utils", "alembic.runtime.migration")
 # MLflow caps a run name at 250 characters.
 MAX_RUN_NAME = 250
 
@@ -91,11 +95,25 @@ def _create_sqlite_store(uri: str) -> None:
         return  # a folder nobody here can write: no store to create in it
     import fcntl
 
-    with lock, store_errors("create its tables"):
+    with lock, store_errors("create its tables"), _quiet(STORE_CREATION_LOGGERS):
         fcntl.flock(lock, fcntl.LOCK_EX)
         client = MlflowClient(uri, uri)
         client.search_experiments(max_results=1)
         client.search_registered_models(max_results=1)
+
+
+@contextmanager
+def _quiet(names: tuple[str, ...]) -> Iterator[None]:
+    """Loggers ``names`` at WARNING while the block runs: a command's output stays its own."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
