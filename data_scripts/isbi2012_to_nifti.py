@@ -43,8 +43,6 @@ import argparse
 import json
 import os
 import re
-import secrets
-import shutil
 import sys
 from pathlib import Path
 
@@ -52,7 +50,8 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from segment.atomic import read_only_ancestor
+from segment.atomic import write_folder_atomically
+from segment.errors import InputError
 
 TASK_NAME = "Task90_ISBI2012"
 SOURCE_NAME = "ISBI2012_EM_membrane"
@@ -217,35 +216,11 @@ def convert(source: Path, output: Path, overwrite: bool = False) -> Path:
     # Validate the whole source before touching the output side.
     pairs = find_pairs(source)
     try:
-        if (locked := read_only_ancestor(output.parent)) is not None:
-            raise ConversionError(
-                f"{locked} is marked read-only, so the task is not written there; pass --output with a writable folder."
-            )
-        output.parent.mkdir(parents=True, exist_ok=True)
-        # A sibling, so the final rename stays on one file system and is atomic. Made with mkdir,
-        # not mkdtemp, so the finished task gets the usual umask permissions instead of 0700.
-        staging = output.parent / f".{output.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-        staging.mkdir()
-    except OSError as error:
-        raise ConversionError(f"Cannot create the output next to {output} ({error.strerror}).") from error
-    try:
-        write_task(pairs, staging)
-        if output.exists():
-            # Move the old task aside first: a directory cannot be renamed over a non-empty one.
-            retired = staging.with_name(staging.name.replace(".partial-", ".old-"))
-            output.rename(retired)
-            try:
-                staging.rename(output)
-            except OSError:
-                retired.rename(output)
-                raise
-            shutil.rmtree(retired)
-        else:
-            staging.rename(output)
+        write_folder_atomically(output, lambda staging: write_task(pairs, staging), "the task")
+    except InputError as error:
+        raise ConversionError(str(error)) from None
     except OSError as error:
         raise ConversionError(f"Cannot write {output} ({error.strerror or error}).") from error
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output
 
 

@@ -31,10 +31,7 @@ from __future__ import annotations
 
 import argparse
 import locale
-import os
 import re
-import secrets
-import shutil
 import sys
 from pathlib import Path
 
@@ -42,7 +39,8 @@ import numpy as np
 import SimpleITK as sitk
 from pydicom.uid import RE_VALID_UID, generate_uid
 
-from segment.atomic import read_only_ancestor
+from segment.atomic import write_folder_atomically
+from segment.errors import InputError
 
 STORAGE_CLASSES = {"MR": "1.2.840.10008.5.1.4.1.1.4", "CT": "1.2.840.10008.5.1.4.1.1.2"}
 INT16 = np.iinfo(np.int16)
@@ -159,23 +157,14 @@ def _write_in_place(folder: Path, write) -> Path:
         raise ConversionError(
             f"{folder} already exists and is not an empty folder; give a new output folder."
         )
-    if (locked := read_only_ancestor(folder.parent.absolute())) is not None:
-        raise ConversionError(f"{locked} is marked read-only, so the series is not written there.")
-    # A sibling, so the final rename stays on one file system and is atomic.
-    staging = folder.parent / f".{folder.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        staging.mkdir(parents=True)
-        write(staging)
-        if folder.exists():
-            folder.rmdir()  # empty, checked above: a folder cannot be renamed over a non-empty one
-        staging.rename(folder)
+        return write_folder_atomically(folder, write, "the series")
+    except InputError as error:
+        raise ConversionError(str(error)) from None
     except OSError as error:
         raise ConversionError(f"Cannot write {folder} ({error.strerror or error}).") from None
     except RuntimeError as error:  # SimpleITK's, for a write that failed (a full disk, say)
         raise ConversionError(f"Cannot write {folder} ({_itk_reason(error)}).") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
 
 
 def convert(scan: Path, output: Path, modality: str = "MR", series_uid: str | None = None) -> Path:

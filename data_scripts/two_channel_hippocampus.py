@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import secrets
 import shutil
 import sys
 from pathlib import Path
@@ -36,7 +34,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from segment.atomic import read_only_ancestor
+from segment.atomic import write_folder_atomically
+from segment.errors import InputError
 
 TASK_NAME = "Task91_HippocampusTwoChannel"
 MODALITIES = {"0": "MRI", "1": "MRI gradient magnitude"}
@@ -107,37 +106,6 @@ def write_task(source: Path, dataset: dict, entries: list[dict[str, str]], folde
     (folder / "dataset.json").write_text(json.dumps(listing, indent=4) + "\n")
 
 
-def _staging(output: Path) -> Path:
-    """A new hidden sibling of ``output``: the final rename stays on one file system."""
-    try:
-        if (locked := read_only_ancestor(output.parent)) is not None:
-            raise ConversionError(
-                f"{locked} is marked read-only, so the task is not written there; pass --output with a writable folder."
-            )
-        output.parent.mkdir(parents=True, exist_ok=True)
-        staging = output.parent / f".{output.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-        staging.mkdir()
-    except OSError as error:
-        raise ConversionError(f"Cannot create the output next to {output} ({error.strerror}).") from error
-    return staging
-
-
-def _replace(staging: Path, output: Path) -> None:
-    """Rename ``staging`` to ``output``, moving an old task aside first (a folder cannot be
-    renamed over a non-empty one) and back if the rename fails."""
-    if not output.exists():
-        staging.rename(output)
-        return
-    retired = staging.with_name(staging.name.replace(".partial-", ".old-"))
-    output.rename(retired)
-    try:
-        staging.rename(output)
-    except OSError:
-        retired.rename(output)
-        raise
-    shutil.rmtree(retired)
-
-
 def build(source: Path, output: Path, cases: int | None = None, overwrite: bool = False) -> Path:
     """Build the two-channel task ``output`` from the first ``cases`` cases of ``source``.
 
@@ -149,14 +117,12 @@ def build(source: Path, output: Path, cases: int | None = None, overwrite: bool 
     if output.exists() and not output.is_dir():
         raise ConversionError(f"{output} exists and is not a folder, so it will not be replaced.")
     dataset, entries = source_cases(source, cases)
-    staging = _staging(output)
     try:
-        write_task(source, dataset, entries, staging)
-        _replace(staging, output)
+        write_folder_atomically(output, lambda staging: write_task(source, dataset, entries, staging), "the task")
+    except InputError as error:
+        raise ConversionError(str(error)) from None
     except OSError as error:
         raise ConversionError(f"Cannot write {output} ({error.strerror or error}).") from error
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output
 
 

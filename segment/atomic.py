@@ -4,6 +4,8 @@ destination that cannot be written before the work that fills it is done."""
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -87,3 +89,36 @@ def require_new_folder(path: Path, what: str) -> None:
     if path.exists():
         raise InputError(f"{path} already exists; give a new folder for {what}.")
     require_writable(path.parent, what)
+
+
+def write_folder_atomically(folder: Path, write: Callable[[Path], None], what: str) -> Path:
+    """Run ``write`` on a new hidden sibling of ``folder`` (``.<name>.partial-*``, on the same
+    file system, so the final rename is atomic) and rename it into place. An existing ``folder``
+    is moved aside first, since a folder cannot be renamed over a non-empty one, put back if the
+    rename fails, and removed once replaced. A killed run leaves at most the hidden sibling,
+    never a half-written ``folder``.
+
+    :class:`InputError` if the parent is marked read-only; what ``write`` and the renames raise
+    (an ``OSError`` for a full disk, say) reaches the caller, with the sibling removed."""
+    if (locked := read_only_ancestor(folder.parent.absolute())) is not None:
+        raise InputError(f"{locked} is marked read-only, so {what} is not written there; give a writable folder.")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # mkdir, not mkdtemp: the finished folder gets the usual umask permissions instead of 0700.
+    staging = folder.parent / f".{folder.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    try:
+        write(staging)
+        if not folder.exists():
+            staging.rename(folder)
+            return folder
+        retired = staging.with_name(staging.name.replace(".partial-", ".old-"))
+        folder.rename(retired)
+        try:
+            staging.rename(folder)
+        except OSError:
+            retired.rename(folder)
+            raise
+        shutil.rmtree(retired)
+        return folder
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

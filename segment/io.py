@@ -299,6 +299,7 @@ def _read_dicom(folder: Path, channels: int) -> Scan:
         listed = "; ".join(f"{uid} ({len(files)} files)" for uid, files in series)
         raise ScanError(f"{folder.name}/ holds {len(series)} DICOM series, give one per folder: {listed}.")
     files = series[0][1]
+    _check_slice_sizes(files, folder)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
@@ -315,6 +316,27 @@ def _read_dicom(folder: Path, channels: int) -> Scan:
     _check_slice_spacing(reader, image, folder)
     shape, dims = _volume_shape(image.GetSize(), folder, channels)
     return _scan_from_itk(image, folder, shape, dims)
+
+
+def _check_slice_sizes(files: list[str], folder: Path) -> None:
+    """Refuse, from the headers alone, slices of different sizes and a series declaring more
+    than MAX_VOXELS: the series reader would allocate whatever a damaged header declares."""
+    import SimpleITK as sitk
+
+    sizes = set()
+    for name in files:
+        header = sitk.ImageFileReader()
+        header.SetFileName(name)
+        try:
+            header.ReadImageInformation()
+        except RuntimeError as error:
+            raise ScanError(f"{folder.name}/ holds a damaged DICOM file ({_itk_reason(error)}); export the series again.") from None
+        sizes.add(tuple(header.GetSize()[:2]))
+    if len(sizes) > 1:
+        shown = ", ".join(" x ".join(map(str, size)) for size in sorted(sizes)[:3])
+        raise ScanError(f"{folder.name}/ has slices of different sizes ({shown}); give the complete, undamaged series.")
+    (columns, rows), = sizes
+    _volume_shape((columns, rows, len(files)), folder)
 
 
 def _check_slice_spacing(reader, image, folder: Path) -> None:

@@ -106,7 +106,9 @@ def test_a_100_slice_series_reads_with_its_spacing(tmp_path):
 
 
 DICOM_FUZZ = settings(
-    max_examples=120,
+    # 60, not more: the test process grows by about 80 MB an example (the cause is not found:
+    # read_scan itself returns its memory when run on good and damaged series in a loop).
+    max_examples=60,
     deadline=None,
     derandomize=True,  # the same examples on every run: CI stays deterministic
     database=None,
@@ -272,3 +274,15 @@ def test_highdicom_is_imported_only_to_write_a_seg():
     modules = "segment.cli, segment.workflows, segment.training.loop"
     code = f"import sys, {modules}; print('highdicom' in sys.modules)"
     assert subprocess.check_output([sys.executable, "-c", code], text=True, timeout=120).strip() == "False"
+
+
+def test_a_slice_whose_header_declares_another_size_is_refused_before_reading(series, tmp_path):
+    folder, _ = series
+    damaged = tmp_path / "sizes"
+    shutil.copytree(folder, damaged)
+    slice_ = sorted(damaged.iterdir())[5]
+    dataset = pydicom.dcmread(slice_)
+    dataset.Rows = 30000  # a damaged header: the series reader would allocate 30000 rows for every slice
+    dataset.save_as(slice_)
+    with pytest.raises(ScanError, match=r"^sizes/ has slices of different sizes \("):
+        read_scan(damaged)
