@@ -4,6 +4,7 @@ functions like :mod:`segment.app.viewer`'s, which calls them."""
 
 from __future__ import annotations
 
+import numpy as np
 import streamlit as st
 from segment.app.metrics_table import PeerMask
 from segment.app.page_state import (
@@ -26,6 +27,17 @@ from segment.tracking.runs import RegisteredModel
 from segment.workflows import LoadedModel, explore
 
 
+def other_mask(slot: str, other: LoadedModel, title: str, scan: Upload) -> np.ndarray:
+    """``other``'s mask of the scan, its explorer kept in this session's ``slot``: like the main
+    explorer, only the current scan's is kept, since each caches its features."""
+
+    def build() -> SkipExplorer:
+        with st.spinner(f"Segmenting with {title}..."):
+            return explore(other, scan.scan)
+
+    return session_slot(slot).get((scan.digest, other.spec), build).mask()
+
+
 def peer_section(
     store: str,
     registered: list[RegisteredModel],
@@ -45,14 +57,7 @@ def peer_section(
     if not st.sidebar.checkbox(f"Side by side: {peer.title}, trained without them", key="side_by_side"):
         return None
     try:
-        peer_model = shared_model(peer.uri, store)
-
-        def build() -> SkipExplorer:
-            with st.spinner(f"Segmenting with {peer.name}..."):
-                return explore(peer_model, scan.scan)
-
-        # Like the main explorer, only the current scan's is kept: each caches its features.
-        mask = session_slot("peer").get((scan.digest, peer.uri), build).mask()
+        mask = other_mask("peer", shared_model(peer.uri, store), peer.name, scan)
     except SegmentError as error:
         st.error(upload_names(str(error), scan))
         return None
@@ -79,12 +84,7 @@ def compare_section(
         if problem:
             st.sidebar.warning(problem)
             return None
-
-        def build() -> SkipExplorer:
-            with st.spinner(f"Segmenting with {other}..."):
-                return explore(other_model, scan.scan)
-
-        mask = session_slot("compare").get((scan.digest, other_model.spec), build).mask()
+        mask = other_mask("compare", other_model, other, scan)
     except SegmentError as error:
         st.error(upload_names(str(error), scan))
         return None

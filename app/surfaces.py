@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 import plotly.graph_objects as go
+from nibabel.affines import apply_affine
 from scipy import ndimage
 from skimage.measure import marching_cubes
 
@@ -63,7 +64,7 @@ def label_surfaces(
         corner = np.array([part.start for part in boxes[value]], dtype=np.float64)
         figure.add_trace(
             _mesh(
-                _to_ras(vertices + corner, affine),
+                apply_affine(affine, vertices + corner),
                 faces,
                 label_names.get(value, f"label {value}"),
                 colours.get(value, plots.label_colour(value)),
@@ -116,10 +117,6 @@ def _marching_cubes(binary: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarr
     except RuntimeError:  # "No surface found": every sample at this step is background
         return None
     return vertices - 1.0, faces
-
-
-def _to_ras(indices: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    return indices @ affine[:3, :3].T + affine[:3, 3]
 
 
 def _mesh(vertices: np.ndarray, faces: np.ndarray, name: str, colour: str) -> go.Mesh3d:
