@@ -10,11 +10,11 @@ ARGS ?=
 TRACKING_URI ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 MLFLOW_PORT ?= 5055
 DATA_ROOT := $(or $(SEGMENT_DATA_ROOT),data)
-STUDY_EPOCHS ?= 30
-# The default 3D model's long skips with one level off at a time, finest first.
-LEVEL_OFF_SKIPS := 0111 1011 1101 1110
+# The skip study's own store, so that its runs stay apart from everyday trainings.
+STUDY_STORE ?= sqlite:///$(CURDIR)/study/mlflow.db
+STUDY_ARGS ?=
 
-.PHONY: setup test test-fast lint browser bench lock train mlflow-ui study app docs
+.PHONY: setup test test-fast lint browser bench lock train mlflow-ui study study-progress study-stop app docs
 
 $(INSTALLED): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,41 +55,23 @@ mlflow-ui: $(INSTALLED)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) \
 		--host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
-# The skip study: every study config trained for the same number of epochs, scored on its
-# validation split (with the skip ablation where skips can be switched), then the report.
+# The skip study (docs/study.md): every setting trained with skip dropout and without skips,
+# three seeds each, each model analysed for fine detail, then the report with its figures. It
+# runs in the background and resumes where it stopped; `make study-stop` stops it cleanly.
 study: $(INSTALLED)
-	set -e; for config in hippocampus_3d hippocampus_3d_noskip hippocampus_3d_resnet hippocampus_2d; do \
-		$(BIN)/segment train --config configs/$$config.yaml --data-root $(DATA_ROOT) --tracking-uri $(TRACKING_URI) \
-			--quiet --set trainer.max_epochs=$(STUDY_EPOCHS); \
-	done
-	# The references for switching skips off at inference: the same network with every skip and
-	# no skip dropout, and one model per long skip trained without it.
-	$(BIN)/segment train --config configs/hippocampus_3d.yaml --data-root $(DATA_ROOT) --tracking-uri $(TRACKING_URI) \
-		--quiet --set trainer.max_epochs=$(STUDY_EPOCHS) name=hippocampus_3d_no_skip_dropout model.skip_dropout=0
-	set -e; for skips in $(LEVEL_OFF_SKIPS); do \
-		$(BIN)/segment train --config configs/hippocampus_3d.yaml --data-root $(DATA_ROOT) --tracking-uri $(TRACKING_URI) \
-			--quiet --set trainer.max_epochs=$(STUDY_EPOCHS) name=hippocampus_3d_skips$$skips model.skip_dropout=0 \
-			"model.long_skips=[$$(echo $$skips | sed 's/./&,/g; s/,$$//')]"; \
-	done
 	test -d data/Task90_ISBI2012 || $(BIN)/python data_scripts/isbi2012_to_nifti.py \
 		--source $(DATA_ROOT)/ISBI2012_EM_membrane --output data/Task90_ISBI2012
-	$(BIN)/segment train --config configs/isbi2012_2d.yaml --data-root data --tracking-uri $(TRACKING_URI) \
-		--quiet --set trainer.max_epochs=$(STUDY_EPOCHS)
-	$(BIN)/segment train --config configs/isbi2012_2d.yaml --data-root data --tracking-uri $(TRACKING_URI) \
-		--quiet --set trainer.max_epochs=$(STUDY_EPOCHS) --set name=isbi2012_2d_no_skip_dropout --set model.skip_dropout=0
-	set -e; for model in hippocampus_3d hippocampus_3d_resnet hippocampus_2d; do \
-		$(BIN)/segment evaluate --model models:/$$model/latest --data $(DATA_ROOT)/Task04_Hippocampus \
-			--split val --ablate-skips --tracking-uri $(TRACKING_URI); \
-	done
-	set -e; for model in hippocampus_3d_no_skip_dropout hippocampus_3d_noskip $(addprefix hippocampus_3d_skips,$(LEVEL_OFF_SKIPS)); do \
-		$(BIN)/segment evaluate --model models:/$$model/latest --data $(DATA_ROOT)/Task04_Hippocampus \
-			--split val --tracking-uri $(TRACKING_URI); \
-	done
-	set -e; for model in isbi2012_2d isbi2012_2d_no_skip_dropout; do \
-		$(BIN)/segment evaluate --model models:/$$model/latest --data data/Task90_ISBI2012 \
-			--split val --ablate-skips --tracking-uri $(TRACKING_URI); \
-	done
-	$(BIN)/segment report --tracking-uri $(TRACKING_URI) --output benchmarks/study.md
+	mkdir -p study
+	setsid nohup $(BIN)/segment study --data-root $(DATA_ROOT) --data-root data --tracking-uri $(STUDY_STORE) \
+		--report docs/study/report.md $(STUDY_ARGS) >> study/study.log 2>&1 < /dev/null & echo $$! > study/study.pid
+	@echo "The study runs in the background: tail -f study/study.log, or make study-progress."
+
+study-progress: $(INSTALLED)
+	$(BIN)/segment study --progress --tracking-uri $(STUDY_STORE) $(STUDY_ARGS)
+
+# Running trainings save their last epoch first; `make study` resumes them.
+study-stop:
+	kill -TERM $$(cat study/study.pid)
 
 # The generated halves of docs/cli.md and docs/configs.md, from the CLI and segment/config/sections.py.
 docs: $(INSTALLED)

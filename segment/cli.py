@@ -392,28 +392,96 @@ def export(
 
 @app.command()
 def report(
-    experiment: Annotated[str | None, typer.Option(help="Only this experiment (task).")] = None,
-    output: Annotated[Path | None, typer.Option(help="Also write the report to this Markdown file.")] = None,
+    experiment: Annotated[str | None, typer.Option(help="Only this experiment (task), for evaluated models.")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(help="Write the report to this Markdown file (the study's figures go beside it)."),
+    ] = None,
     tracking_uri: StoreOption = None,
 ) -> None:
-    """The skip study: evaluated models side by side, and each skip switched off at inference
-    against the model trained without it. Reads what `segment evaluate` logged to MLflow."""
+    """The skip study from MLflow: tables with 95 % intervals and figures, when the store holds
+    `segment study` runs; otherwise every model scored by `segment evaluate --split val` side by
+    side, each skip switched off at inference against the model trained without it."""
     from segment import workflows
     from segment.atomic import require_output_file, write_atomically
+    from segment.workflows.skip_study import has_study, write_study_report
 
     if output is not None:
         require_output_file(output, "the report")
+    if has_study(tracking_uri):
+        output = output or Path("study/report.md")
+        write_study_report(output, tracking_uri)
+        typer.echo(f"Wrote {output} and its figures in {output.parent / 'figures'}")
+        return
     study = workflows.study(experiment, tracking_uri=tracking_uri)
     if not study.runs:
         raise InputError(
             "No evaluated runs yet: evaluate trained models first with "
-            "`segment evaluate --model models:/NAME@best --data DIR --split val --ablate-skips`."
+            "`segment evaluate --model models:/NAME@best --data DIR --split val --ablate-skips`, "
+            "or run the skip study with `segment study`."
         )
     text = study.to_markdown()
     typer.echo(text)
     if output is not None:
         write_atomically(output, lambda temporary: temporary.write_text(text))
         typer.echo(f"Wrote {output}")
+
+
+@app.command(context_settings=TAKES_OVERRIDE_WORDS)
+def study(
+    context: typer.Context,
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per setting and variant.")] = 3,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs per run.")] = 20,
+    setting: Annotated[
+        list[str] | None, typer.Option(help="Only this setting (repeatable), e.g. hippocampus_3d.")
+    ] = None,
+    data_root: Annotated[
+        list[Path] | None,
+        typer.Option(help="Folders holding the MSD tasks (repeatable; default $SEGMENT_DATA_ROOT and ./data)."),
+    ] = None,
+    output_dir: Annotated[Path, typer.Option(help="Checkpoints, models and logs of the study's runs.")] = Path(
+        "study"
+    ),
+    jobs: Annotated[int, typer.Option(min=1, help="Runs trained at once.")] = 2,
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads per run.")] = 1,
+    progress: Annotated[bool, typer.Option("--progress", help="Only say how far the study has got.")] = False,
+    train: Annotated[
+        bool, typer.Option("--train/--no-train", help="Train missing runs, or only analyse and report trained ones.")
+    ] = True,
+    report: Annotated[Path, typer.Option(help="Where the report is written (figures beside it).")] = Path(
+        "study/report.md"
+    ),
+    overrides: SetOption = None,
+    tracking_uri: StoreOption = None,
+) -> None:
+    """The skip study: every setting trained with skip dropout and without skips, several seeds
+    each, then each model analysed for fine detail and the report written. Resumes where it
+    stopped: a finished run is not trained or analysed again."""
+    from segment.workflows.skip_study import run_study, study_progress
+
+    extra = _overrides(overrides, context)
+    if progress:
+        typer.echo(study_progress(seeds, epochs, setting, tracking_uri, extra=extra).to_text())
+        return
+    try:
+        done = run_study(
+            seeds,
+            epochs,
+            setting,
+            extra=extra,
+            data_roots=data_root,
+            tracking_uri=tracking_uri,
+            output_dir=output_dir,
+            jobs=jobs,
+            threads=threads,
+            train=train,
+            report=report,
+            say=lambda line: typer.echo(line),
+        )
+    except KeyboardInterrupt:
+        _warn("The study stopped; run the same command again to resume it.")
+        raise typer.Exit(code=EXIT_INTERRUPTED) from None
+    typer.echo(done.to_text())
 
 
 @app.command(name="app")

@@ -21,7 +21,7 @@ NSD_TOLERANCE = 1.0
 warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
 
 
-def _one_hot(labels: np.ndarray | torch.Tensor, classes: int) -> torch.Tensor:
+def label_one_hot(labels: np.ndarray | torch.Tensor, classes: int) -> torch.Tensor:
     """Integer labels (*spatial) -> (1, classes, *spatial) one-hot floats, on the labels' device."""
     if isinstance(labels, torch.Tensor):
         tensor = labels.long()
@@ -41,7 +41,7 @@ def dice_per_label(
 ) -> torch.Tensor:
     """Dice of each foreground label 1..classes-1 (a tensor of classes-1 values) between two
     integer label arrays of one shape."""
-    return _dice(_one_hot(prediction, classes), _one_hot(truth, classes))
+    return _dice(label_one_hot(prediction, classes), label_one_hot(truth, classes))
 
 
 def default_nsd_tolerance(scan: Scan) -> float:
@@ -86,7 +86,7 @@ def score_case(
             f"{case}: the ground truth holds label values {int(truth.min())}..{int(truth.max())} but the "
             f"model knows 0..{classes - 1} ({', '.join(label_names.values())}); check that it labels this task."
         )
-    predicted, expected = _one_hot(prediction, classes), _one_hot(truth, classes)
+    predicted, expected = label_one_hot(prediction, classes), label_one_hot(truth, classes)
     dice = _dice(predicted, expected)
     spacing = list(scan.spacing)
     tolerance = default_nsd_tolerance(scan) if nsd_tolerance is None else nsd_tolerance

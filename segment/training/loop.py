@@ -44,13 +44,14 @@ def fit(
                 callback.on_epoch_start(epoch + 1, len(loader))
             setup.network.train()
             epoch_start = time.perf_counter()
-            losses, samples, skipped = [], 0, 0
+            losses, level_norms, samples, skipped = [], [], 0, 0
             for batch in loader:
                 result = train_step(setup, batch, schedule.learning_rate(state.global_step))
                 state.global_step += 1
                 samples += result.samples
                 if result.finite:
                     losses.append(result.loss)
+                    level_norms.append(result.level_gradient_norms)
                 else:
                     skipped += 1
                 for callback in callbacks:
@@ -66,6 +67,9 @@ def fit(
                 "epoch_seconds": epoch_seconds,
                 "samples_per_second": samples * distributed.world_size / epoch_seconds,
             }
+            if level_norms:
+                for level, norm in enumerate(np.mean(level_norms, axis=0), start=1):
+                    metrics[f"grad_norm_level_{level}"] = float(norm)
             with stop_signals.saving():
                 state.epochs_done, state.elapsed_seconds = epoch + 1, elapsed
                 end = EpochEnd(epoch + 1, metrics, last)

@@ -18,6 +18,9 @@ class StepResult:
     loss: float
     finite: bool  # False: the gradient was not finite, and the weights were left unchanged
     samples: int
+    # The norm of the gradient reaching each encoder level's weights, finest level first: how
+    # much of the loss's signal gets back to the early layers (the skip study's gradient flow).
+    level_gradient_norms: tuple[float, ...] = ()
 
 
 def _fp32(logits: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
@@ -25,6 +28,16 @@ def _fp32(logits: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torc
     if isinstance(logits, list):  # deep supervision: one tensor per output level
         return [tensor.float() for tensor in logits]
     return logits.float()
+
+
+def level_gradient_norms(model: torch.nn.Module) -> tuple[float, ...]:
+    """The L2 norm of the gradients of each encoder level's parameters, finest first; one
+    device sync for all levels."""
+    norms = []
+    for stage in model.encoder.stages:
+        grads = [p.grad.detach().float() for p in stage.parameters() if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    return tuple(torch.stack(norms).tolist())
 
 
 def train_step(setup: TrainingSetup, batch: dict, lr: float) -> StepResult:
@@ -55,6 +68,7 @@ def train_step(setup: TrainingSetup, batch: dict, lr: float) -> StepResult:
         scaler.unscale_(setup.optimiser)
     else:
         loss.backward()
+    level_norms = level_gradient_norms(setup.model)  # before clipping: the gradient the loss gave
     grad_norm = torch.nn.utils.clip_grad_norm_(setup.model.parameters(), trainer.grad_clip or math.inf)
     # One non-finite gradient would turn every weight into NaN for good. CPU bf16 convolutions
     # produce one now and then (seen on small unpadded volumes), so such a step is skipped, as
@@ -68,4 +82,6 @@ def train_step(setup: TrainingSetup, batch: dict, lr: float) -> StepResult:
         setup.optimiser.step()
     if finite and setup.averaged is not None:
         setup.averaged.update_parameters(setup.model)
-    return StepResult(loss=loss.item(), finite=finite, samples=image.shape[0])
+    return StepResult(
+        loss=loss.item(), finite=finite, samples=image.shape[0], level_gradient_norms=level_norms if finite else ()
+    )

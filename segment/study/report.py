@@ -1,0 +1,333 @@
+"""The study report: Markdown tables with 95 % intervals and the figures, from
+:func:`segment.study.results.collect`. Every difference carries its interval and p-value, and
+is called real only when the interval excludes zero."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from segment import plots
+from segment.atomic import write_atomically
+from segment.study import figures
+from segment.study.results import SettingResults, interval, switched_off, trained_without
+from segment.study.settings import NO_SKIP_DROPOUT, WITH_SKIP_DROPOUT, WITHOUT_LEVEL, WITHOUT_SKIPS
+from segment.study.statistics import Difference
+
+FIGURES = "figures"
+CLOSE_TO_BOUNDARY = 2  # the first two distance bands: on the boundary or one voxel from it
+
+
+def _scale(scales: list[int]) -> str:
+    return "full resolution" if max(scales) == 1 else "1/" + "x".join(dict.fromkeys(map(str, scales)))
+
+
+def mask_name(mask: str, analysis: dict) -> str:
+    """``0111`` -> ``level 1 (full resolution) off``; all off -> ``all off``."""
+    off = [level for level, flag in enumerate(mask, start=1) if flag == "0"]
+    built_off = [level for level, flag in enumerate(analysis["built_skips"], start=1) if flag == "0"]
+    off = [level for level in off if level not in built_off]
+    if not off:
+        return "all on"
+    if len(off) + len(built_off) == len(mask):
+        return "all off"
+    return (
+        ", ".join(f"level {level} ({_scale(analysis['level_scales'][level - 1])})" for level in off) + " off"
+    )
+
+
+def variant_name(variant: str, analysis: dict) -> str:
+    if variant == WITH_SKIP_DROPOUT:
+        return "skip dropout"
+    if variant == NO_SKIP_DROPOUT:
+        return "every skip, no skip dropout"
+    if variant == WITHOUT_SKIPS:
+        return "trained without any long skip"
+    level = int(variant.removeprefix(WITHOUT_LEVEL))
+    return f"trained without level {level} ({_scale(analysis['level_scales'][level - 1])})"
+
+
+def band_names(analysis: dict) -> list[str]:
+    """Frequency band k, matched to level k: the wavelengths level k can hold and level k+1
+    cannot, in voxels."""
+    scales = [max(s) for s in analysis["level_scales"]]
+    names = [f"{2 * scales[k]}-{2 * scales[k + 1]} vox" for k in range(len(scales) - 1)]
+    return [*names, f"{2 * scales[-1]}+ vox"]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + " --- |" * len(header),
+        *("| " + " | ".join(r) + " |" for r in rows),
+    ]
+
+
+def _difference_cell(difference: Difference | None, digits: int = 4) -> str:
+    if difference is None:
+        return "-"
+    text = difference.text(digits)
+    return f"**{text}**" if difference.real else text
+
+
+def _p(difference: Difference | None) -> str:
+    return "-" if difference is None else f"{difference.p_value:.2g}"
+
+
+class SettingReport:
+    """The tables and figures of one setting."""
+
+    def __init__(self, results: SettingResults, figures_dir: Path) -> None:
+        self.results, self.figures_dir = results, figures_dir
+        self.analysis = results.analysis
+        self.two_d = len(self.analysis["level_scales"][0]) == 2
+        self.measures = [
+            "mean_dice",
+            "nsd:0.5",
+            "nsd:1",
+            "nsd:2",
+            *(["cldice", "skeleton_recall"] if self.two_d else []),
+        ]
+        self.headers = [
+            "Dice",
+            "NSD 0.5",
+            "NSD 1",
+            "NSD 2",
+            *(["clDice", "skeleton recall"] if self.two_d else []),
+        ]
+
+    @property
+    def name(self) -> str:
+        return self.results.setting.name
+
+    def off_masks(self) -> list[str]:
+        masks = self.results.masks()
+        return masks[1:]
+
+    def level_variants(self) -> list[str]:
+        return [v for v in self.results.runs if v.startswith(WITHOUT_LEVEL)] + (
+            [WITHOUT_SKIPS] if WITHOUT_SKIPS in self.results.runs else []
+        )
+
+    def scores(self) -> list[str]:
+        rows = []
+        base = self.results.base
+        for mask in self.results.masks():
+            what = "skip dropout" + (
+                "" if mask == self.results.masks()[0] else f", {mask_name(mask, self.analysis)} at inference"
+            )
+            rows.append(
+                [what, mask, str(len(base)), *(interval(base, m, mask).text() for m in self.measures)]
+            )
+        for variant in [NO_SKIP_DROPOUT, *self.level_variants()]:
+            runs = self.results.seeds(variant)
+            if runs:
+                rows.append(
+                    [
+                        variant_name(variant, self.analysis),
+                        runs[0].analysis["built_skips"],
+                        str(len(runs)),
+                        *(interval(runs, m).text() for m in self.measures),
+                    ]
+                )
+        return _table(["model", "skips", "seeds", *self.headers], rows)
+
+    def differences(self) -> list[str]:
+        shown = ["mean_dice", "nsd:1", *(["cldice"] if self.two_d else [])]
+        header = [
+            "change",
+            *(f"{h} [95 % interval]" for h in ("Dice", "NSD 1", *(["clDice"] if self.two_d else []))),
+            "p (Dice)",
+        ]
+        rows = []
+        for mask in self.off_masks():
+            found = [switched_off(self.results, mask, m) for m in shown]
+            rows.append(
+                [
+                    f"{mask_name(mask, self.analysis)}, at inference",
+                    *map(_difference_cell, found),
+                    _p(found[0]),
+                ]
+            )
+        for variant in self.level_variants():
+            found = [trained_without(self.results, variant, m) for m in shown]
+            if found[0] is not None:
+                rows.append(
+                    [
+                        f"{variant_name(variant, self.analysis)}, against every skip",
+                        *map(_difference_cell, found),
+                        _p(found[0]),
+                    ]
+                )
+        return _table(header, rows)
+
+    def _banded(self, measure: str, names: list[str]) -> dict[str, list[Difference]]:
+        return {
+            mask_name(mask, self.analysis): [
+                switched_off(self.results, mask, measure, column) for column in range(len(names))
+            ]
+            for mask in self.off_masks()
+        }
+
+    def boundary(self) -> tuple[list[str], dict[str, list[Difference]]]:
+        names = self.analysis["distance_bands"]
+        rows = self._banded("error_distance", names)
+        lines = []
+        for name, differences in rows.items():
+            extra = sum(max(d.mean, 0) for d in differences)
+            near = sum(max(d.mean, 0) for d in differences[:CLOSE_TO_BOUNDARY])
+            share = f"{100 * near / extra:.0f} %" if extra > 0 else "-"
+            lines.append([name, *(_difference_cell(d, 1) for d in differences), share])
+        return _table(["switched off", *(f"{n} vox" for n in names), "share within 1 voxel"], lines), rows
+
+    def bands(self) -> tuple[list[str], dict[str, list[Difference]]]:
+        names = band_names(self.analysis)
+        rows = self._banded("band_energy", names)
+        lines = []
+        for name, differences in rows.items():
+            extra = sum(max(d.mean, 0) for d in differences)
+            top = max(range(len(names)), key=lambda k: differences[k].mean)
+            share = (
+                f"band {top + 1} ({100 * max(differences[top].mean, 0) / extra:.0f} %)" if extra > 0 else "-"
+            )
+            lines.append([name, *(_difference_cell(d, 1) for d in differences), share])
+        header = ["switched off", *(f"band {k + 1}: {n}" for k, n in enumerate(names)), "largest share"]
+        return _table(header, lines), rows
+
+    def gradients(self) -> tuple[list[str], dict]:
+        from segment.study.statistics import seed_interval
+
+        curves = {}
+        for variant in (WITH_SKIP_DROPOUT, NO_SKIP_DROPOUT, WITHOUT_SKIPS):
+            runs = self.results.seeds(variant)
+            if runs:
+                levels = len(runs[0].gradient_norms)
+                curves[variant_name(variant, self.analysis)] = [
+                    seed_interval([run.gradient_norms[level] for run in runs]) for level in range(levels)
+                ]
+        rows = [
+            [name, *(i.text(4) for i in intervals), f"{intervals[0].mean / intervals[-1].mean:.0f}"]
+            for name, intervals in curves.items()
+        ]
+        levels = len(next(iter(curves.values()), []))
+        header = ["trained", *(f"level {k}" for k in range(1, levels + 1)), "level 1 / deepest"]
+        return _table(header, rows), curves
+
+    def _figure(self, figure, stem: str) -> str:
+        path = self.figures_dir / f"{self.name}_{stem}.png"
+        with plots.released(figure):
+            figure.savefig(path, dpi=110)
+        return f"![{self.name} {stem}]({FIGURES}/{path.name})"
+
+    def markdown(self) -> list[str]:
+        setting, results = self.results.setting, self.results
+        cases = (
+            len(results.base[0].cases())
+            if results.base
+            else len(next(iter(results.runs.values()))[0].cases())
+        )
+        lines = [
+            f"## {setting.title}",
+            "",
+            f"{cases} validation cases; seeds per model in the table.",
+            "",
+            *self.scores(),
+            "",
+        ]
+        lines += ["### Changes, paired by case and seed", "", *self.differences(), ""]
+        if results.base:
+            names = [mask_name(m, self.analysis) for m in self.off_masks()]
+            references = {mask_name(results.masks()[0], self.analysis)}  # noqa: F841 - all on has no change
+            variants = {m: f"{WITHOUT_LEVEL}{i}" for i, m in enumerate(self.off_masks(), start=1)}
+            measures = {}
+            for measure, title in (
+                ("mean_dice", "Dice"),
+                ("nsd:1", "NSD 1"),
+                *((("cldice", "clDice"),) if self.two_d else ()),
+            ):
+                switched = [switched_off(results, m, measure) for m in self.off_masks()]
+                trained = [
+                    trained_without(results, WITHOUT_SKIPS if n == "all off" else variants[m], measure)
+                    for m, n in zip(self.off_masks(), names, strict=True)
+                ]
+                measures[title] = (switched, trained)
+            lines += [self._figure(figures.level_changes(setting.title, names, measures), "levels"), ""]
+            table, rows = self.boundary()
+            lines += [
+                "### Where the lost voxels are",
+                "",
+                "Extra wrong voxels per case, by distance to the true boundary:",
+                "",
+                *table,
+                "",
+            ]
+            lines += [
+                self._figure(
+                    figures.banded(
+                        "Extra errors by distance to the boundary",
+                        rows,
+                        [f"{n} vox" for n in self.analysis["distance_bands"]],
+                        "distance to the true boundary",
+                        "extra wrong voxels per case",
+                    ),
+                    "boundary",
+                ),
+                "",
+            ]
+            table, rows = self.bands()
+            lines += [
+                "### At which scale",
+                "",
+                "Extra error energy per case in each frequency band (band k: the wavelengths level k holds and level k+1 cannot):",
+                "",
+                *table,
+                "",
+            ]
+            lines += [
+                self._figure(
+                    figures.banded(
+                        "Extra error energy by frequency band",
+                        rows,
+                        band_names(self.analysis),
+                        "band (wavelength)",
+                        "extra error energy per case",
+                    ),
+                    "bands",
+                ),
+                "",
+            ]
+        table, curves = self.gradients()
+        if curves:
+            lines += [
+                "### Gradient flow",
+                "",
+                "Mean gradient norm reaching each encoder level's weights over training:",
+                "",
+                *table,
+                "",
+            ]
+            lines += [self._figure(figures.gradient_flow(setting.title, curves), "gradients"), ""]
+        return lines
+
+
+def study_report(all_results: list[SettingResults], output: Path) -> str:
+    """Write the report to ``output`` (Markdown) and its figures beside it; return the text."""
+    figures_dir = output.parent / FIGURES
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    cpu = sum(run.cpu_seconds for results in all_results for runs in results.runs.values() for run in runs)
+    lines = [
+        "# The skip study: results",
+        "",
+        "Generated by `segment report` from the study's MLflow runs. Figures are the mean "
+        "over seeds with a 95 % interval: a t interval over seeds for scores, a two-level bootstrap "
+        "(seeds, then cases) for paired changes. **Bold**: the interval excludes zero. p: Wilcoxon "
+        "signed-rank test over cases of the seed-averaged change. NSD t: surface Dice within t "
+        "voxels (millimetres on the hippocampus).",
+        "",
+        f"Training CPU time of the analysed runs: {cpu / 3600:.1f} hours.",
+        "",
+    ]
+    for results in all_results:
+        lines += SettingReport(results, figures_dir).markdown()
+    text = "\n".join(lines) + "\n"
+    write_atomically(output, lambda temporary: temporary.write_text(text))
+    return text

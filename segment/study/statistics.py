@@ -1,0 +1,82 @@
+"""Intervals over seeds and paired tests over seeds and cases.
+
+A setting's figure is the mean over seeds of each seed's mean over cases, with a 95 % t
+interval over the seeds: retraining is the variation a user meets. A difference between two
+skip settings is paired: the same cases and, for each seed, the same training seed (the same
+model when a skip is switched off at inference). Its interval comes from a two-level bootstrap
+(seeds, then cases within them), so that it holds both sources of noise; its p-value from a
+Wilcoxon signed-rank test over the cases' seed-averaged differences. A difference is called
+real only when its interval excludes zero."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+CONFIDENCE = 0.95
+BOOTSTRAP_SAMPLES = 4000
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float
+    high: float
+    seeds: int
+
+    def text(self, digits: int = 4) -> str:
+        if self.seeds < 2:
+            return f"{self.mean:.{digits}f} (1 seed)"
+        return f"{self.mean:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+
+
+@dataclass(frozen=True)
+class Difference:
+    mean: float
+    low: float
+    high: float
+    p_value: float
+    seeds: int
+    cases: int
+
+    @property
+    def real(self) -> bool:
+        """The interval excludes zero (needs two seeds at least)."""
+        return self.seeds >= 2 and (self.low > 0 or self.high < 0)
+
+    def text(self, digits: int = 4) -> str:
+        interval = f"[{self.low:+.{digits}f}, {self.high:+.{digits}f}]" if self.seeds >= 2 else "(1 seed)"
+        return f"{self.mean:+.{digits}f} {interval}"
+
+
+def seed_interval(per_seed: Sequence[float]) -> Interval:
+    """Mean of the seeds' figures with its 95 % t interval."""
+    values = np.asarray(per_seed, dtype=float)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return Interval(mean, math.nan, math.nan, len(values))
+    half = stats.t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    return Interval(mean, mean - half, mean + half, len(values))
+
+
+def paired_difference(differences: np.ndarray, seed: int = 0) -> Difference:
+    """``differences``: (seeds, cases), setting B minus setting A per seed and case."""
+    differences = np.atleast_2d(np.asarray(differences, dtype=float))
+    seeds, cases = differences.shape
+    mean = float(differences.mean())
+    per_case = differences.mean(axis=0)
+    nonzero = per_case[per_case != 0]
+    p_value = float(stats.wilcoxon(nonzero).pvalue) if len(nonzero) >= 2 else 1.0
+    if seeds < 2:
+        return Difference(mean, math.nan, math.nan, p_value, seeds, cases)
+    generator = np.random.default_rng(seed)
+    chosen_seeds = generator.integers(0, seeds, size=(BOOTSTRAP_SAMPLES, seeds))
+    chosen_cases = generator.integers(0, cases, size=(BOOTSTRAP_SAMPLES, seeds, cases))
+    resampled = differences[chosen_seeds[..., None], chosen_cases].mean(axis=(1, 2))
+    tail = (1 - CONFIDENCE) / 2
+    low, high = np.quantile(resampled, [tail, 1 - tail])
+    return Difference(mean, float(low), float(high), p_value, seeds, cases)

@@ -1,0 +1,181 @@
+"""The skip study: its fine-detail measures and statistics on arrays whose answers are known,
+and the whole study (train, interrupt, resume, analyse, report) on a tiny real set-up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import ROOT, segment_command, set_args, store_client, tiny_hippocampus_overrides
+
+from segment.study import detail
+from segment.study.settings import (
+    NO_SKIP_DROPOUT,
+    WITH_SKIP_DROPOUT,
+    WITHOUT_SKIPS,
+    study_runs,
+    variant_skips,
+)
+from segment.study.statistics import paired_difference, seed_interval
+
+
+def cube(size: int = 32, low: int = 8, high: int = 24) -> np.ndarray:
+    truth = np.zeros((size,) * 3, dtype=np.int64)
+    truth[low:high, low:high, low:high] = 1
+    return truth
+
+
+def test_errors_on_the_boundary_and_deep_inside_fall_in_their_distance_bands():
+    truth = cube()
+    distance = detail.boundary_distance(truth, (1.0, 1.0, 1.0))
+    peeled = truth.copy()
+    peeled[8, 8:24, 8:24] = 0  # the outermost layer of one face: on the boundary
+    assert detail.error_distance_counts(peeled, truth, distance) == [256, 0, 0, 0, 0]
+    holed = truth.copy()
+    holed[15:17, 15:17, 15:17] = 0  # the centre, seven voxels from every face
+    assert detail.error_distance_counts(holed, truth, distance) == [0, 0, 0, 0, 8]
+
+
+def test_distances_count_in_the_finest_voxels_of_an_anisotropic_scan():
+    truth = cube()
+    distance = detail.boundary_distance(truth, (0.5, 0.5, 2.0))
+    # Two voxels inside along the fine axis is 1 mm: two finest voxels.
+    assert distance[9, 16, 16] == pytest.approx(1.0 / 0.5 - 1)
+    assert distance[16, 16, 9] == pytest.approx(2.0 / 0.5)
+
+
+def test_error_energy_splits_into_bands_that_add_up_to_the_wrong_voxels():
+    truth = cube()
+    scales = [(1, 1, 1), (2, 2, 2), (4, 4, 4), (8, 8, 8), (16, 16, 16)]
+    bands = detail.band_masks(truth.shape, scales)
+    assert sum(band.sum() for band in bands) == truth.size
+    assert not np.any(np.sum(bands, axis=0) > 1)  # a partition
+    speckled = truth.copy()
+    speckled[8:24:2, 8:24:2, 8:24:2] = 0  # every other voxel: detail at the finest scale
+    block = truth.copy()
+    block[8:24, 8:24, 8:16] = 0  # half the cube: a coarse error
+    fine = detail.band_energies(speckled, truth, [1], bands)
+    coarse = detail.band_energies(block, truth, [1], bands)
+    assert sum(fine) == pytest.approx((speckled != truth).sum(), rel=1e-4)
+    assert sum(coarse) == pytest.approx((block != truth).sum(), rel=1e-4)
+    assert int(np.argmax(fine)) == 0
+    assert int(np.argmax(coarse)) == len(bands) - 1
+
+
+def test_a_broken_thin_line_loses_skeleton_recall_more_than_dice():
+    truth = np.zeros((64, 64), dtype=np.int64)
+    truth[10:54, 31:33] = 1  # a membrane two pixels wide
+    broken = truth.copy()
+    broken[30:34] = 0
+    thick = truth.copy()
+    thick[10:54, 30] = 1  # one pixel too wide: Dice drops, the skeleton survives
+    cldice_broken, recall_broken = detail.skeleton_scores(broken, truth)
+    cldice_thick, recall_thick = detail.skeleton_scores(thick, truth)
+    assert recall_broken < 0.95 and recall_thick == 1.0
+    assert cldice_broken < cldice_thick
+    assert detail.skeleton_scores(truth, truth) == (1.0, 1.0)
+
+
+def test_intervals_and_paired_differences():
+    assert seed_interval([0.8, 0.8, 0.8]).low == pytest.approx(0.8)
+    wide = seed_interval([0.70, 0.80, 0.90])
+    assert wide.low < 0.7 and wide.high > 0.9  # three seeds: a t interval wider than the range
+    generator = np.random.default_rng(0)
+    shifted = paired_difference(generator.normal(0.02, 0.01, size=(3, 40)))
+    assert shifted.real and shifted.low > 0 and shifted.p_value < 0.001
+    noise = paired_difference(generator.normal(0.0, 0.01, size=(3, 40)))
+    assert not noise.real and noise.low < 0 < noise.high
+    assert not paired_difference(generator.normal(0.02, 0.01, size=(1, 40))).real  # one seed says nothing
+
+
+def test_the_study_trains_pairs_together_and_the_claims_first():
+    runs = study_runs(seeds=3, epochs=20)
+    first_seed = [run.variant for run in runs[:3]]
+    assert first_seed == [WITH_SKIP_DROPOUT, NO_SKIP_DROPOUT, WITHOUT_SKIPS]
+    assert [run.setting.name for run in runs[:18]] == ["hippocampus_3d"] * 9 + ["isbi2012_2d"] * 9
+    assert [run.variant for run in runs[18:22]] == [f"without_level_{k}" for k in range(1, 5)]
+    assert len({run.run_name for run in runs}) == len(runs)
+    assert variant_skips("without_level_2", 5) == (1, 0, 1, 1)
+    without = next(run for run in runs if run.variant == WITHOUT_SKIPS)
+    assert "model.long_skips=[0,0,0,0]" in without.overrides()
+    assert "trainer.max_minutes=null" in without.overrides()
+
+
+@pytest.mark.slow
+def test_the_study_resumes_after_a_stop_and_reports_with_intervals(tmp_path, hippocampus_root):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    report = tmp_path / "report" / "report.md"
+    command = segment_command(
+        "study",
+        "--setting",
+        "hippocampus_3d",
+        "--seeds",
+        "2",
+        "--epochs",
+        "2",
+        "--data-root",
+        str(hippocampus_root),
+        "--output-dir",
+        str(tmp_path / "study"),
+        "--tracking-uri",
+        store,
+        "--report",
+        str(report),
+        # The study sets the epochs.
+        *set_args([o for o in tiny_hippocampus_overrides(cases=8) if not o.startswith("trainer.max_epochs")]),
+    )
+    # One run at a time, stopped as soon as the first is trained: the second is mid-run.
+    stopped = subprocess.Popen(
+        [*command, "--jobs", "1"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in stopped.stdout:
+        if line.startswith("[1/"):
+            break
+    stopped.send_signal(signal.SIGTERM)
+    _, errors = stopped.communicate(timeout=120)
+    assert stopped.returncode == 130
+    assert "run the same command again to resume" in errors
+    client = store_client(store)
+    before = {
+        run.info.run_name: run.info.run_id
+        for run in client.search_runs(
+            [e.experiment_id for e in client.search_experiments()], "attributes.status = 'FINISHED'"
+        )
+    }
+    assert len(before) == 1
+
+    finished = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "1 of 10 study runs already trained" in finished.stdout
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "attributes.status = 'FINISHED'"
+    )
+    names = [run.info.run_name for run in runs]
+    assert len(names) == len(set(names)) == 10  # nothing trained twice
+    name, run_id = next(iter(before.items()))
+    assert {run.info.run_name: run.info.run_id for run in runs}[name] == run_id
+    for run in runs:
+        assert float(run.data.tags["study.cpu_seconds"]) > 0
+        assert "grad_norm_level_1" in run.data.metrics
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "study")] == ["study/cases.json"]
+
+    text = report.read_text()
+    assert "## hippocampus 3D, plain encoder, concatenated skips" in text
+    assert "level 1 (full resolution) off, at inference" in text
+    assert "trained without level 2 (1/2), against every skip" in text
+    assert " [" in text  # two seeds: every figure has its interval
+    for stem in ("levels", "boundary", "bands", "gradients"):
+        assert (report.parent / "figures" / f"hippocampus_3d_{stem}.png").stat().st_size > 10_000
+
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0
+    assert "analysing" not in again.stdout and "started" not in again.stdout
