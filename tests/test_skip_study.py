@@ -178,4 +178,4 @@ def test_the_study_resumes_after_a_stop_and_reports_with_intervals(tmp_path, hip
 
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0
-    assert "analysing" not in again.stdout and "started" not in again.stdout
+    assert "training:" not in again.stdout and "analysing:" not in again.stdout

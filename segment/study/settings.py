@@ -54,9 +54,7 @@ SETTINGS = (
         "hippocampus 3D, ResNet encoder, concatenated skips",
         "hippocampus_3d_resnet.yaml",
     ),
-    Setting(
-        "hippocampus_2d", "hippocampus 2D, plain encoder, concatenated skips", "hippocampus_2d.yaml"
-    ),
+    Setting("hippocampus_2d", "hippocampus 2D, plain encoder, concatenated skips", "hippocampus_2d.yaml"),
     Setting(
         "hippocampus_3d_add",
         "hippocampus 3D, plain encoder, added skips",
@@ -138,7 +136,11 @@ class StudyRun:
 
 
 def study_runs(
-    seeds: int, epochs: int, only: Sequence[str] | None = None, configs: Path = Path("configs"), extra: Sequence[str] = ()
+    seeds: int,
+    epochs: int,
+    only: Sequence[str] | None = None,
+    configs: Path = Path("configs"),
+    extra: Sequence[str] = (),
 ) -> list[StudyRun]:
     """Every run of the study, in training order: setting by setting, seed by seed, so that a
     seed's variants finish together and can be paired. ``extra`` overrides apply to every run."""

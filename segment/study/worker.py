@@ -1,5 +1,6 @@
-"""One study run in its own process: ``python -m segment.study.worker SPEC_JSON``, started by
-:mod:`.runner`. A process per run keeps each run's threads, memory and CPU time its own."""
+"""One study job in its own process, a training or an analysis: ``python -m
+segment.study.worker SPEC_JSON``, started by :mod:`.runner`. A process per job keeps each one's
+threads, memory and CPU time its own."""
 
 from __future__ import annotations
 
@@ -11,10 +12,24 @@ from mlflow import MlflowClient
 
 from segment.config import load_config
 from segment.errors import SegmentError
-from segment.training.run import TrainingInterrupted, train
+from segment.training.run import TrainingInterrupted
+from segment.training.run import train as run_training
 
 
-def main(spec: dict) -> int:
+def analyse(spec: dict) -> int:
+    from segment.study.analysis import analyse_run
+
+    roots = [Path(root) for root in spec["data_roots"]]
+    try:
+        analyse_run(spec["run_id"], spec["variant"], roots, spec["tracking_uri"])
+    except SegmentError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        return 2
+    print(f"Analysed run {spec['run_id']}")
+    return 0
+
+
+def train(spec: dict) -> int:
     where = {
         "data_root": spec["data_root"],
         "tracking_uri": spec["tracking_uri"],
@@ -23,10 +38,10 @@ def main(spec: dict) -> int:
     }
     try:
         if spec.get("resume"):
-            result = train(resume=spec["resume"], **where)
+            result = run_training(resume=spec["resume"], **where)
         else:
             config = load_config(Path(spec["config"]), spec["overrides"])
-            result = train(config, run_name=spec["run_name"], **where)
+            result = run_training(config, run_name=spec["run_name"], **where)
     except TrainingInterrupted as stopped:
         print(stopped, file=sys.stderr)
         return 130
@@ -41,4 +56,5 @@ def main(spec: dict) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(json.loads(sys.argv[1])))
+    job = json.loads(sys.argv[1])
+    sys.exit(train(job) if job["kind"] == "train" else analyse(job))

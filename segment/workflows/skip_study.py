@@ -11,8 +11,8 @@ from pathlib import Path
 
 from segment.data.tasks import resolve_data_root
 from segment.errors import InputError
-from segment.study.analysis import analyse_run, has_analysis
-from segment.study.runner import StudyTrainer, finished_run, stored_study_runs
+from segment.study.analysis import has_analysis
+from segment.study.runner import StudyRunner, finished_run, stored_study_runs
 from segment.study.settings import StudyRun, study_runs
 
 DEFAULT_SEEDS = 3
@@ -23,11 +23,12 @@ DEFAULT_EPOCHS = 20
 class StudyProgress:
     runs: list[StudyRun]
     trained: list[StudyRun]
-    cpu_seconds: float  # over every stored study run, finished or not
+    analysed: int
+    cpu_seconds: float  # training and analysis, over every stored study run, finished or not
 
     def to_text(self) -> str:
         lines = [
-            f"{len(self.trained)} of {len(self.runs)} study runs trained; "
+            f"{len(self.trained)} of {len(self.runs)} study runs trained, {self.analysed} analysed; "
             f"{self.cpu_seconds / 3600:.1f} CPU hours spent."
         ]
         by_setting: dict[str, list[int]] = {}
@@ -54,9 +55,10 @@ def study_progress(
 ) -> StudyProgress:
     runs = study_runs(seeds, epochs, settings, configs, extra or ())
     stored = stored_study_runs(tracking_uri)
-    trained = [run for run in runs if finished_run(stored, run) is not None]
-    cpu = sum(r.cpu_seconds for versions in stored.values() for r in versions)
-    return StudyProgress(runs, trained, cpu)
+    finished = [(run, found) for run in runs if (found := finished_run(stored, run)) is not None]
+    analysed = sum(has_analysis(found.run_id) for _, found in finished)
+    cpu = sum(r.cpu_seconds + r.analysis_cpu_seconds for versions in stored.values() for r in versions)
+    return StudyProgress(runs, [run for run, _ in finished], analysed, cpu)
 
 
 def run_study(
@@ -83,18 +85,16 @@ def run_study(
     runs = study_runs(seeds, epochs, settings, configs, extra or ())
     roots = _data_roots(data_roots)
     with _only_runner(output_dir):
-        if train:
-            StudyTrainer(
-                runs,
-                configs=configs,
-                data_roots=roots,
-                tracking_uri=tracking_uri,
-                output_dir=output_dir / "runs",
-                jobs=jobs,
-                threads=threads,
-                say=say,
-            ).train_missing()
-        analyse_missing(runs, roots, tracking_uri, say)
+        StudyRunner(
+            runs,
+            configs=configs,
+            data_roots=roots,
+            tracking_uri=tracking_uri,
+            output_dir=output_dir / "runs",
+            jobs=jobs,
+            threads=threads,
+            say=say,
+        ).run(train)
         if report is not None:
             write_study_report(report, tracking_uri)
             say(f"Wrote {report}")
@@ -113,19 +113,6 @@ def _only_runner(output_dir: Path) -> Iterator[None]:
                 f"Another `segment study` is running on {output_dir}; wait for it, or stop it (make study-stop)."
             ) from None
         yield
-
-
-def analyse_missing(
-    runs: list[StudyRun], data_roots: list[Path], tracking_uri: str | None, say: Callable[[str], None] = print
-) -> None:
-    """Analyse each trained run of ``runs`` that has no analysis yet, one after another."""
-    stored = stored_study_runs(tracking_uri)
-    for run in runs:
-        found = finished_run(stored, run)
-        if found is None or has_analysis(found.run_id):
-            continue
-        say(f"analysing {run.run_name}")
-        analyse_run(found.run_id, run.variant, data_roots, tracking_uri)
 
 
 def has_study(tracking_uri: str | None = None) -> bool:
