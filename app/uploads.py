@@ -1,7 +1,7 @@
 """What the viewer accepts as a scan, read without Streamlit: an uploaded NIfTI, NRRD or MHA
-file, a .zip of one DICOM series, or the bundled example case. Uploaded bytes are written under
-names we choose in a private folder that is removed once read; the name the browser sent is
-shown in messages and never used as a path."""
+file, a .zip of one DICOM series (:mod:`segment.archives`), or the bundled example case.
+Uploaded bytes are written under names we choose in a private folder that is removed once read;
+the name the browser sent is shown in messages and never used as a path."""
 
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from segment import examples
-from segment.archives import unpack_dicom_zip
-from segment.io import SUPPORTED_SUFFIXES, Scan, ScanError, read_scan, scan_suffix
+from segment.archives import read_dicom_zip
+from segment.io import SUPPORTED_SUFFIXES, ZIP_SUFFIX, Scan, ScanError, read_scan, scan_suffix
 
 EXAMPLE_CASE = "hippocampus_099"  # in segment/examples/, with its licence and attribution
-ZIP_SUFFIX = ".zip"
 # What Streamlit's uploader filters on: it looks at the last suffix only (.gz, not .nii.gz);
 # read_upload checks the whole name.
 SCAN_TYPES = ("nii", "gz", "nrrd", "mha", "zip")
@@ -46,23 +45,20 @@ def accepted(what: str) -> str:
 
 def read_upload(name: str, data: bytes, what: str, channels: int = 1) -> Upload:
     """Read uploaded bytes as a scan (``what`` is "scan" or "labels") of ``channels`` channels
-    (the model's inputs; labels have one), under a name we choose (``<what>.nii.gz``,
-    ``<what>.zip/`` for a DICOM series); ScanError, naming the upload, when they are not a
+    (the model's inputs; labels have one), under a name we choose (``<what>.nii.gz``; a zipped
+    DICOM series unpacks as ``scan.zip/``); ScanError, naming the upload, when they are not a
     usable scan."""
     suffix = scan_suffix(name)
-    is_zip = what == "scan" and name.lower().endswith(ZIP_SUFFIX)
-    if not suffix and not is_zip:
+    if what == "scan" and name.lower().endswith(ZIP_SUFFIX):
+        return Upload(name, digest(data), read_dicom_zip(data, name, channels))
+    if not suffix:
         raise ScanError(f"The {what} {name!r} is not a supported file; upload {accepted(what)}.")
-    ours = f"{what}{ZIP_SUFFIX if is_zip else suffix}"
+    ours = f"{what}{suffix}"
     with tempfile.TemporaryDirectory(prefix="segment-upload-") as folder:
         path = Path(folder) / ours
+        path.write_bytes(data)
         try:
-            if is_zip:
-                path.mkdir()
-                scan = read_scan(unpack_dicom_zip(data, path, name), channels)
-            else:
-                path.write_bytes(data)
-                scan = read_scan(path, channels)
+            scan = read_scan(path, channels)
         except ScanError as error:
             # The message should name the file the user chose, not our temporary copy.
             raise ScanError(str(error).replace(ours, name)) from None

@@ -1,10 +1,17 @@
-"""Unpacking an uploaded .zip of one DICOM series, safely.
+"""A zipped DICOM series, from the viewer's upload or ``segment predict --input series.zip``,
+unpacked safely and read.
 
-Every regular file in the archive is written straight into the given folder under a name chosen
-here (``f00000.dcm``, ``f00001.dcm``, ... in archive order), whatever folders the archive nests
-it in; no name from inside the archive is ever joined to a path. The folder then holds the
-series flat, as :func:`segment.io.read_scan` reads it (files that are not DICOM, such as a
-README or macOS's ``__MACOSX/._*`` files, are passed over there).
+:func:`read_dicom_zip` unpacks into a private temporary folder, which is removed whatever
+happens, reads the series there with :func:`segment.io.read_scan`, and rewrites its messages to
+name the archive and its entries as the user knows them.
+
+Every regular file in the archive is written straight into that folder under a name chosen here
+(``f00000.dcm``, ``f00001``, ... in archive order; ``.dcm`` kept only where the entry's name
+says DICOM, so that a broken one is refused rather than passed over), whatever folders the
+archive nests it in; no name from inside the archive is ever joined to a path. The folder then
+holds the series flat, as :func:`segment.io.read_scan` reads it: files that are not DICOM
+images, such as a README, a thumbnail or macOS's ``__MACOSX/._*`` and ``.DS_Store`` files, are
+passed over there and named in a warning.
 
 An archive is refused with one :class:`~segment.io.ScanError` sentence naming the upload when
 it is not a readable zip, when any entry is hostile (an absolute name, a ``..`` component, a
@@ -22,13 +29,20 @@ import io
 import lzma
 import re
 import stat
+import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path, PureWindowsPath
 from typing import BinaryIO
 
-from segment.io import ScanError
+from segment.io import Scan, ScanError, named_as_dicom, read_scan
+
+# Our name for the unpacked folder, which messages about the series name; they are rewritten
+# to name the archive, and our file names in it to name the entries.
+UNPACKED = "scan.zip"
+OUR_NAMES = re.compile(rf"{re.escape(UNPACKED)}|\bf\d{{5}}(?:\.dcm)?\b")
+SHOWN_CHARACTERS = 80  # of a name chosen by whoever made the archive
 
 # A thin-slice CT series has a few thousand slices; ten thousand would be several series.
 MAX_ENTRIES = 5_000
@@ -52,10 +66,53 @@ CHUNK_BYTES = 1024**2
 DAMAGED = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, ValueError)
 
 
-def unpack_dicom_zip(data: bytes, folder: Path, name: str) -> Path:
+def read_dicom_zip(data: bytes, name: str, channels: int = 1) -> Scan:
+    """The one DICOM series in zip archive ``data``, unpacked into a private temporary folder
+    that is removed whatever happens. ``name`` is what the archive was called (shown in
+    messages, never used as a path); :class:`ScanError`, naming it and its entries, when the
+    archive is unsafe or holds no usable series."""
+    with tempfile.TemporaryDirectory(prefix="segment-zip-") as temporary:
+        folder = Path(temporary) / UNPACKED
+        folder.mkdir()
+        entries = unpack_dicom_zip(data, folder, name)
+        try:
+            scan = read_scan(folder, channels)
+        except ScanError as error:
+            raise ScanError(_archived_names(str(error), name, entries)) from None
+    scan.warnings[:] = [_archived_names(warning, name, entries) for warning in scan.warnings]
+    return scan
+
+
+def read_zip_file(path: Path, channels: int = 1) -> Scan:
+    """:func:`read_dicom_zip` of the file at ``path``, refused unread if it is larger than its
+    series may be."""
+    size = path.stat().st_size
+    if size > MAX_UNPACKED_BYTES:
+        raise ScanError(
+            f"{path.name} is {size / 1024**2:,.0f} MiB, more than the {MAX_UNPACKED_BYTES / 1024**2:,.0f} MiB "
+            "a zipped series may unpack to; zip one DICOM series."
+        )
+    return read_dicom_zip(path.read_bytes(), path.name, channels)
+
+
+def _archived_names(message: str, name: str, entries: dict[str, str]) -> str:
+    """``message`` naming the archive ``name`` and its entries instead of our folder and files,
+    in one pass: an entry's name may look like one of ours."""
+
+    def archived(match: re.Match[str]) -> str:
+        ours = match.group(0)
+        if ours == UNPACKED:
+            return name
+        return repr(entries[ours][:SHOWN_CHARACTERS]) if ours in entries else ours
+
+    return OUR_NAMES.sub(archived, message)
+
+
+def unpack_dicom_zip(data: bytes, folder: Path, name: str) -> dict[str, str]:
     """Write the files of the zip archive ``data`` into the existing ``folder`` under names
-    chosen here and return ``folder``; :class:`ScanError` naming ``name`` if the archive is
-    unreadable or unsafe, with ``folder`` left as it was."""
+    chosen here, and return each one's name in the archive by the name it was written under;
+    :class:`ScanError` naming ``name`` if the archive is unreadable or unsafe, with ``folder``
+    left as it was."""
     records = data.count(RECORD_SIGNATURE)
     if records > MAX_ENTRIES:
         raise ScanError(
@@ -63,7 +120,7 @@ def unpack_dicom_zip(data: bytes, folder: Path, name: str) -> Path:
         )
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            _extract(archive, _checked_files(archive.infolist(), name), folder, name)
+            return _extract(archive, _checked_files(archive.infolist(), name), folder, name)
     except DAMAGED as error:
         reason = " ".join(str(error).split())[:200]
         raise ScanError(
@@ -74,7 +131,6 @@ def unpack_dicom_zip(data: bytes, folder: Path, name: str) -> Path:
             f"{name} uses a compression method that cannot be read ({error}); "
             "zip it again with the standard one."
         ) from None
-    return folder
 
 
 def _checked_files(entries: list[zipfile.ZipInfo], name: str) -> list[zipfile.ZipInfo]:
@@ -96,7 +152,7 @@ def _checked_files(entries: list[zipfile.ZipInfo], name: str) -> list[zipfile.Zi
 
 
 def _check_entry(entry: zipfile.ZipInfo, name: str) -> None:
-    shown = repr(entry.filename[:80])  # an attacker chooses it: shown short and quoted
+    shown = repr(entry.filename[:SHOWN_CHARACTERS])  # an attacker chooses it: shown short and quoted
     if _escapes(entry.filename):
         raise ScanError(
             f"{name} holds an entry named {shown} that points outside the archive; it was refused as unsafe."
@@ -118,21 +174,26 @@ def _escapes(filename: str) -> bool:
     return filename.startswith(("/", "\\")) or ".." in parts or bool(PureWindowsPath(filename).drive)
 
 
-def _extract(archive: zipfile.ZipFile, files: list[zipfile.ZipInfo], folder: Path, name: str) -> None:
-    """Each of ``files`` into ``folder`` as ``f{index:05d}.dcm``; on any failure the files
+def _extract(
+    archive: zipfile.ZipFile, files: list[zipfile.ZipInfo], folder: Path, name: str
+) -> dict[str, str]:
+    """Each of ``files`` into ``folder`` as ``f{index:05d}.dcm`` (or without the suffix where
+    its name does not say DICOM), returning the entries' names by ours; on any failure the files
     written so far are removed again."""
-    written: list[Path] = []
+    written: dict[str, str] = {}
     try:
         for index, entry in enumerate(files):
-            target = folder / f"f{index:05d}.dcm"
+            suffix = ".dcm" if named_as_dicom(re.split(r"[\\/]", entry.filename)[-1]) else ""
+            target = folder / f"f{index:05d}{suffix}"
             # "x": never overwrite, nor later remove, a file the folder already held.
             with target.open("xb") as sink:
-                written.append(target)
+                written[target.name] = entry.filename
                 _copy(archive, entry, sink, name)
     except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
+        for ours in written:
+            (folder / ours).unlink(missing_ok=True)
         raise
+    return written
 
 
 def _copy(archive: zipfile.ZipFile, entry: zipfile.ZipInfo, sink: BinaryIO, name: str) -> None:
@@ -146,7 +207,7 @@ def _copy(archive: zipfile.ZipFile, entry: zipfile.ZipInfo, sink: BinaryIO, name
             copied += len(chunk)
             if copied > entry.file_size:
                 raise ScanError(
-                    f"{name} holds {entry.filename[:80]!r}, which unpacks to more than the "
+                    f"{name} holds {entry.filename[:SHOWN_CHARACTERS]!r}, which unpacks to more than the "
                     f"{entry.file_size:,} bytes it declares; it was refused as damaged or hostile."
                 )
             sink.write(chunk)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import mmap
+import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,34 @@ SUPPORTED_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 # float32), which is far beyond any CT or MRI volume.
 MAX_VOXELS = 512 * 1024 * 1024
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+ZIP_SUFFIX = ".zip"  # of one DICOM series: segment.archives unpacks it
+
+# A DICOM file opens with a 128-byte preamble and the marker "DICM"; a file without it is no
+# DICOM file here (GDCM would still try to parse it), and one named so is refused as broken.
+DICOM_PREAMBLE = 128
+DICOM_MARKER = b"DICM"
+DICOM_PREFIX = DICOM_PREAMBLE + len(DICOM_MARKER)
+DICOM_SUFFIXES = (".dcm", ".dicom")
+# A slice's headers hold a few hundred elements (5,000 slices: about 1.5 million), an enhanced
+# multi-frame file's some tens of thousands. Each takes the pre-scan about 3 microseconds, and
+# GDCM more: a folder of 1 GiB of empty 8-byte elements would keep them busy for minutes.
+MAX_DICOM_ELEMENTS = 2_000_000
+ORIENTATION_TOLERANCE = 1e-3  # of the direction cosines in Image Orientation (Patient)
+DICOM_TEXT = 64  # the most characters of a DICOM UID or description a message shows
+META_GROUP = 0x0002
+ITEM_GROUP = 0xFFFE
+ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+UNDEFINED_LENGTH = 0xFFFFFFFF
+# Value representations whose length takes 4 bytes after 2 reserved ones (PS3.5 7.1.2).
+LONG_LENGTH_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+IMPLICIT_LITTLE_ENDIAN, EXPLICIT_BIG_ENDIAN = "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"
+DEFLATED = "1.2.840.10008.1.2.1.99"
+TRANSFER_SYNTAX, SERIES_DESCRIPTION, SERIES_UID = 0x00020010, 0x0008103E, 0x0020000E
+INSTANCE_NUMBER, IMAGE_POSITION, IMAGE_ORIENTATION = 0x00200013, 0x00200032, 0x00200037
+PIXEL_DATA = 0x7FE00010
+WANTED_TAGS = frozenset(
+    (TRANSFER_SYNTAX, SERIES_DESCRIPTION, SERIES_UID, INSTANCE_NUMBER, IMAGE_POSITION, IMAGE_ORIENTATION)
+)
 
 
 class ScanError(SegmentError):
@@ -259,25 +289,265 @@ def _scan_from_itk(image: sitk.Image, path: Path, shape: tuple[int, int, int], d
 
 
 def dicom_series(folder: Path) -> list[tuple[str, list[str]]]:
-    """The DICOM series GDCM finds in ``folder`` (not below it): (series UID, its files in
-    slice order). Files that are not DICOM are passed over."""
-    import SimpleITK as sitk
+    """The DICOM image series in ``folder`` (not below it): (series UID, its files in slice
+    order), every file checked by :func:`_dicom_header` first. Other files are passed over."""
+    return [(uid, [str(item.path) for item in slices]) for uid, slices in _dicom_folder(folder).series.items()]
 
-    reader = sitk.ImageSeriesReader()
-    # ITK prints "No Series were found" for a folder without any; the caller says so itself.
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+
+@dataclass(frozen=True)
+class _DicomHeader:
+    """What the pre-scan keeps of one DICOM file: the raw top-level values of WANTED_TAGS."""
+
+    values: dict[int, bytes]
+    has_pixels: bool
+    elements: int  # element headers walked, items and delimiters included
+
+
+class _UnsafeDicom(Exception):
+    """A file claims to be DICOM (its marker) but its headers cannot be trusted; says why."""
+
+
+class _TooManyElements(Exception):
+    """The pre-scan's element budget ran out."""
+
+
+@dataclass
+class _Container:
+    """Where the pre-scan is: a dataset (the file's or an item's), a sequence of items, or the
+    fragments of compressed pixel data; up to where it may run, and how its elements are
+    encoded."""
+
+    kind: str  # "dataset", "sequence" or "fragments"
+    end: int | None  # where a defined length ends it; None: its delimiter does
+    limit: int  # no value inside may run past this: its own end, else its parent's limit
+    endian: str  # "<" or ">", for struct
+    implicit: bool  # implicit VR: no VR in the element headers
+
+    def inner(self, kind: str, end: int | None, unknown_vr: bool = False) -> _Container:
+        """A container inside this one (``end`` None: until its delimiter), encoded as this one
+        except in an element of VR UN: implicit VR little endian there, whatever the file's
+        transfer syntax (PS3.5 6.2.2)."""
+        limit = self.limit if end is None else end
+        if unknown_vr:
+            return _Container(kind, end, limit, "<", True)
+        return _Container(kind, end, limit, self.endian, self.implicit)
+
+
+def _dicom_header(data: bytes | mmap.mmap, max_elements: int) -> _DicomHeader:
+    """Walk every element header of the DICOM file ``data`` (preamble and marker checked by the
+    caller), into sequences and items, before GDCM reads it: GDCM allocates whatever length a
+    header declares (gigabytes for a damaged one). A length that runs past the end of the file
+    or of the item holding it, a header cut short or an item out of place raises
+    :class:`_UnsafeDicom`; more than ``max_elements`` headers raise :class:`_TooManyElements`.
+    Values are skipped, not read, except WANTED_TAGS' at the top level."""
+    size = len(data)
+    # The file meta group is explicit VR little endian; the transfer syntax it names sets the rest.
+    stack = [_Container("dataset", size, size, "<", False)]
+    values: dict[int, bytes] = {}
+    has_pixels, in_meta = False, True
+    offset, elements = DICOM_PREFIX, 0
+    while True:
+        container = stack[-1]
+        if offset == container.end:
+            if len(stack) == 1:
+                return _DicomHeader(values, has_pixels, elements)
+            stack.pop()
+            continue
+        elements += 1
+        if elements > max_elements:
+            raise _TooManyElements
+        if offset == container.limit:
+            raise _UnsafeDicom(f"it ends at byte {offset:,}, inside a sequence or item never closed")
+        if offset + 8 > container.limit:
+            raise _UnsafeDicom(f"the element header at byte {offset:,} runs past the end of the file or its item")
+        if in_meta and len(stack) == 1 and struct.unpack_from("<H", data, offset)[0] != META_GROUP:
+            in_meta = False
+            container.endian, container.implicit = _body_encoding(values.get(TRANSFER_SYNTAX))
+        group, element, item_length = struct.unpack_from(container.endian + "HHI", data, offset)
+        tag = group << 16 | element
+        if group == ITEM_GROUP:  # items and delimiters: a tag and a 4-byte length in any encoding
+            offset = _enter_item(tag, item_length, offset, stack)
+            continue
+        if container.kind != "dataset":
+            raise _UnsafeDicom(f"element {_tag(tag)} at byte {offset:,} sits in a sequence outside any item")
+        vr, length, start = _element_header(data, offset, container)
+        top_level = len(stack) == 1
+        if length == UNDEFINED_LENGTH:
+            if tag == PIXEL_DATA:
+                stack.append(container.inner("fragments", None))
+            elif vr in (None, b"SQ", b"UN"):  # without a VR, an undefined length means items
+                stack.append(container.inner("sequence", None, unknown_vr=vr == b"UN"))
+            else:
+                raise _UnsafeDicom(f"element {_tag(tag)} at byte {offset:,} declares an undefined length")
+        elif start + length > container.limit:
+            raise _UnsafeDicom(
+                f"element {_tag(tag)} declares {length:,} bytes, but {container.limit - start:,} remain "
+                + ("in the file" if container.limit == size else "in the item holding it")
+            )
+        elif vr == b"SQ" or (vr in (None, b"UN") and length >= 8 and _is_item(data, start, container.endian)):
+            stack.append(container.inner("sequence", start + length, unknown_vr=vr == b"UN"))
+        else:
+            if top_level and tag in WANTED_TAGS:
+                values[tag] = bytes(data[start : start + length])
+            start += length
+        has_pixels = has_pixels or (tag == PIXEL_DATA and top_level)
+        offset = start
+
+
+def _body_encoding(transfer_syntax: bytes | None) -> tuple[str, bool]:
+    """(struct byte order, implicit VR) of the dataset after the file meta group."""
+    if transfer_syntax is None:
+        raise _UnsafeDicom("they name no transfer syntax (0002,0010)")
+    uid = transfer_syntax.rstrip(b"\0 ").decode("latin-1")
+    if uid == DEFLATED:
+        raise _UnsafeDicom("they are deflated, and cannot be checked before GDCM inflates them")
+    return (">" if uid == EXPLICIT_BIG_ENDIAN else "<"), uid == IMPLICIT_LITTLE_ENDIAN
+
+
+def _enter_item(tag: int, length: int, offset: int, stack: list[_Container]) -> int:
+    """Open or close the item or sequence that item tag ``tag`` at ``offset`` starts or ends,
+    and return where the next header is."""
+    container = stack[-1]
+    start = offset + 8
+    if tag == ITEM and container.kind == "sequence" and length == UNDEFINED_LENGTH:
+        stack.append(container.inner("dataset", None))
+        return start
+    if tag == ITEM and container.kind != "dataset" and length != UNDEFINED_LENGTH:
+        if start + length > container.limit:
+            raise _UnsafeDicom(f"an item at byte {offset:,} declares {length:,} bytes, more than remain")
+        if container.kind == "sequence":
+            stack.append(container.inner("dataset", start + length))
+            return start
+        return start + length  # a fragment of compressed pixel data
+    closes = ITEM_END if container.kind == "dataset" else SEQUENCE_END
+    if tag == closes and container.end is None and len(stack) > 1:
+        stack.pop()
+        return start
+    raise _UnsafeDicom(f"item tag {_tag(tag)} at byte {offset:,} is out of place")
+
+
+def _element_header(data: bytes | mmap.mmap, offset: int, container: _Container) -> tuple[bytes | None, int, int]:
+    """(VR, None without one; declared length; where the value starts) of the element at
+    ``offset``. Where explicit VR is expected but the two bytes are no VR, the element is read
+    as implicit VR, as pydicom and GDCM read files that switch encoding in a sequence."""
+    vr = bytes(data[offset + 4 : offset + 6])
+    if container.implicit or not (vr.isalpha() and vr.isupper()):
+        return None, struct.unpack_from(container.endian + "I", data, offset + 4)[0], offset + 8
+    if vr not in LONG_LENGTH_VRS:
+        return vr, struct.unpack_from(container.endian + "H", data, offset + 6)[0], offset + 8
+    if offset + 12 > container.limit:
+        raise _UnsafeDicom(f"the element header at byte {offset:,} runs past the end of the file or its item")
+    return vr, struct.unpack_from(container.endian + "I", data, offset + 8)[0], offset + 12
+
+
+def _is_item(data: bytes | mmap.mmap, offset: int, endian: str) -> bool:
+    return struct.unpack_from(endian + "HH", data, offset) == (ITEM_GROUP, ITEM & 0xFFFF)
+
+
+def _tag(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+@dataclass
+class _Slice:
+    """One DICOM image file, as the pre-scan read its header."""
+
+    path: Path
+    description: str
+    position: np.ndarray | None  # Image Position (Patient), mm
+    orientation: np.ndarray | None  # Image Orientation (Patient): row and column directions
+    number: int | None  # Instance Number
+
+
+@dataclass
+class _DicomFolder:
+    series: dict[str, list[_Slice]]  # series UID -> its images in slice order
+    not_dicom: list[Path]  # files without the DICOM marker
+    not_images: list[Path]  # DICOM files without pixel data (a DICOMDIR, a report)
+
+
+def _dicom_folder(folder: Path) -> _DicomFolder:
+    """Every file in ``folder`` (not below it) sorted into DICOM image series and the rest,
+    each DICOM file's headers checked by :func:`_dicom_header` before anything else reads it;
+    ScanError in one sentence for the first one whose headers cannot be trusted. This, not
+    GDCM's own directory scan, finds the series: GDCM parses every file it is shown, a README
+    included, and allocates whatever length its bytes happen to declare."""
+    series: dict[str, list[_Slice]] = {}
+    not_dicom, not_images = [], []
+    budget = MAX_DICOM_ELEMENTS
+    for path in sorted(child for child in folder.iterdir() if child.is_file()):
+        try:
+            header = _checked_dicom_file(path, budget)
+        except OSError as error:
+            raise ScanError(f"{folder.name}/ holds {path.name}, which cannot be read ({error.strerror or error}).") from None
+        except _UnsafeDicom as error:
+            raise ScanError(
+                f"{folder.name}/ holds {path.name}, a DICOM file whose headers cannot be trusted ({error}); "
+                "export the series again."
+            ) from None
+        except _TooManyElements:
+            raise ScanError(
+                f"{folder.name}/ holds more than {MAX_DICOM_ELEMENTS:,} DICOM header elements, "
+                "far more than a series has; give one DICOM series."
+            ) from None
+        if header is None:
+            not_dicom.append(path)
+            continue
+        budget -= header.elements
+        if not header.has_pixels:
+            not_images.append(path)
+            continue
+        uid = _text(header.values.get(SERIES_UID, b""))
+        series.setdefault(uid, []).append(_slice(path, header.values))
+    return _DicomFolder({uid: _slice_order(slices) for uid, slices in series.items()}, not_dicom, not_images)
+
+
+def _checked_dicom_file(path: Path, max_elements: int) -> _DicomHeader | None:
+    """:func:`_dicom_header` of the file at ``path``, mapped rather than read; None when it
+    lacks the DICOM marker."""
+    with path.open("rb") as file:
+        if file.read(DICOM_PREFIX)[DICOM_PREAMBLE:] != DICOM_MARKER:
+            return None
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _dicom_header(data, max_elements)
+
+
+def _text(value: bytes) -> str:
+    """A DICOM string as shown in a message: padding and characters that do not print dropped."""
+    text = value.decode("latin-1").strip("\0 ")
+    return "".join(character for character in text if character.isprintable())[:DICOM_TEXT]
+
+
+def _numbers(value: bytes | None, count: int) -> np.ndarray | None:
+    """A multi-valued decimal string of ``count`` finite numbers, else None."""
+    if value is None:
+        return None
     try:
-        return [
-            (uid, list(reader.GetGDCMSeriesFileNames(str(folder), uid)))
-            for uid in reader.GetGDCMSeriesIDs(str(folder))
-        ]
-    except RuntimeError as error:
-        raise ScanError(
-            f"{folder.name}/ holds a damaged DICOM file ({_itk_reason(error)}); export the series again."
-        ) from None
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+        numbers = np.asarray([float(part) for part in _text(value).split("\\")], dtype=np.float64)
+    except ValueError:
+        return None
+    return numbers if numbers.shape == (count,) and np.isfinite(numbers).all() else None
+
+
+def _slice(path: Path, values: dict[int, bytes]) -> _Slice:
+    number = _text(values.get(INSTANCE_NUMBER, b""))
+    return _Slice(
+        path,
+        _text(values.get(SERIES_DESCRIPTION, b"")),
+        _numbers(values.get(IMAGE_POSITION), 3),
+        _numbers(values.get(IMAGE_ORIENTATION), 6),
+        int(number) if number.lstrip("+-").isdigit() else None,
+    )
+
+
+def _slice_order(slices: list[_Slice]) -> list[_Slice]:
+    """The order GDCM's series helper stacks slices in: along the normal of the first slice's
+    orientation when every slice has a position and orientation, else by instance number; file
+    name breaks ties. Missing, doubled and uneven slices are refused later, from the stack."""
+    if all(item.position is not None and item.orientation is not None for item in slices):
+        normal = np.cross(*slices[0].orientation.reshape(2, 3))
+        return sorted(slices, key=lambda item: (float(normal @ item.position), item.number or 0, item.path.name))
+    return sorted(slices, key=lambda item: (item.number is None, item.number or 0, item.path.name))
 
 
 def _itk_reason(error: RuntimeError) -> str:
@@ -286,19 +556,31 @@ def _itk_reason(error: RuntimeError) -> str:
 
 
 def _read_dicom(folder: Path, channels: int) -> Scan:
-    """One DICOM series in ``folder``, read with its geometry by SimpleITK's series reader."""
+    """One DICOM series in ``folder``, read with its geometry by SimpleITK's series reader from
+    the files the pre-scan checked; files that are not DICOM images are passed over, and named
+    in a warning."""
     import SimpleITK as sitk
 
-    series = dicom_series(folder)
-    if not series:
+    found = _dicom_folder(folder)
+    if not found.series:
         raise ScanError(
             f"{folder.name}/ holds no DICOM series and no scans; give a folder of one DICOM series, "
             f"or scans ({', '.join(SUPPORTED_SUFFIXES)})."
         )
-    if len(series) > 1:
-        listed = "; ".join(f"{uid} ({len(files)} files)" for uid, files in series)
-        raise ScanError(f"{folder.name}/ holds {len(series)} DICOM series, give one per folder: {listed}.")
-    files = series[0][1]
+    misnamed = [path.name for path in found.not_dicom if named_as_dicom(path.name)]
+    if misnamed:
+        raise ScanError(
+            f"{folder.name}/ holds {_counted(len(misnamed), 'file')} named as DICOM without the marker every "
+            f"DICOM file has, damaged or not DICOM at all ({_listed(misnamed)}); export the series again."
+        )
+    if len(found.series) > 1:
+        listed = _listed(
+            [f"{_series_name(uid, slices)} ({len(slices)} files)" for uid, slices in found.series.items()], "; "
+        )
+        raise ScanError(f"{folder.name}/ holds {len(found.series)} DICOM series, give one per folder: {listed}.")
+    (slices,) = found.series.values()
+    _check_orientations(slices, folder)
+    files = [str(item.path) for item in slices]
     _check_slice_sizes(files, folder)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
@@ -315,7 +597,47 @@ def _read_dicom(folder: Path, channels: int) -> Scan:
         raise ScanError(f"{folder.name}/ is not a greyscale 3D DICOM series; give a CT or MR series.")
     _check_slice_spacing(reader, image, folder)
     shape, dims = _volume_shape(image.GetSize(), folder, channels)
-    return _scan_from_itk(image, folder, shape, dims)
+    scan = _scan_from_itk(image, folder, shape, dims)
+    passed_over = sorted(path.name for path in found.not_dicom + found.not_images)
+    if passed_over:
+        what = "is not a DICOM image" if len(passed_over) == 1 else "are not DICOM images"
+        scan.warnings.append(
+            f"{folder.name}/: passed over {_counted(len(passed_over), 'file')} that {what} ({_listed(passed_over)})."
+        )
+    return scan
+
+
+def named_as_dicom(name: str) -> bool:
+    """Whether file name ``name`` says DICOM; macOS's "._" files, which carry the name of the
+    file they describe, do not."""
+    return name.lower().endswith(DICOM_SUFFIXES) and not name.startswith("._")
+
+
+def _counted(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+def _listed(items: list[str], separator: str = ", ", shown: int = 5) -> str:
+    """The first ``shown`` of ``items``, and how many more there are."""
+    more = f"{separator}and {len(items) - shown:,} more" if len(items) > shown else ""
+    return separator.join(items[:shown]) + more
+
+
+def _series_name(uid: str, slices: list[_Slice]) -> str:
+    description = slices[0].description
+    named = uid or "without a series UID"
+    return f"{description!r} {named}" if description else named
+
+
+def _check_orientations(slices: list[_Slice], folder: Path) -> None:
+    """Refuse slices of one series UID in different planes (a three-plane localiser, or series
+    mixed under one UID): stacked into one volume they would mix anatomy."""
+    orientations = np.asarray([item.orientation for item in slices if item.orientation is not None])
+    if len(orientations) and np.abs(orientations - orientations[0]).max() > ORIENTATION_TOLERANCE:
+        raise ScanError(
+            f"{folder.name}/ has slices in different orientations under one series UID; "
+            "give one series of parallel slices."
+        )
 
 
 def _check_slice_sizes(files: list[str], folder: Path) -> None:
@@ -382,8 +704,8 @@ def _check_geometry(scan: Scan) -> None:
 
 
 def read_scan(path: str | Path, channels: int = 1) -> Scan:
-    """Read a NIfTI, NRRD or MHA scan, or a folder holding one DICOM series; :class:`ScanError`
-    with one sentence if it is unusable.
+    """Read a NIfTI, NRRD or MHA scan, or a folder or .zip holding one DICOM series (the zip
+    through :mod:`segment.archives`); :class:`ScanError` with one sentence if it is unusable.
 
     ``channels`` is how many the model reads: 1 takes a 3D scan (or a 2D slice); more take a
     4D NIfTI whose 4th dimension holds exactly that many (the Decathlon's multi-modal tasks).
@@ -394,6 +716,10 @@ def read_scan(path: str | Path, channels: int = 1) -> Scan:
     suffix = scan_suffix(path)
     if path.is_dir():
         scan = _read_dicom(path, channels)
+    elif path.name.lower().endswith(ZIP_SUFFIX) and path.is_file():
+        from segment.archives import read_zip_file  # which reads the unpacked folder with read_scan
+
+        return read_zip_file(path, channels)
     elif not suffix:
         raise ScanError(f"{path.name} is not a supported scan; use {', '.join(SUPPORTED_SUFFIXES)}.")
     elif not path.is_file():
