@@ -9,12 +9,19 @@ from pathlib import Path
 from segment import plots
 from segment.atomic import write_atomically
 from segment.study import figures
-from segment.study.results import SettingResults, interval, switched_off, trained_without
+from segment.study.results import (
+    SettingResults,
+    added_profile,
+    interval,
+    mean_band,
+    near_share,
+    switched_off,
+    trained_without,
+)
 from segment.study.settings import NO_SKIP_DROPOUT, WITH_SKIP_DROPOUT, WITHOUT_LEVEL, WITHOUT_SKIPS
 from segment.study.statistics import Difference
 
 FIGURES = "figures"
-CLOSE_TO_BOUNDARY = 2  # the first two distance bands: on the boundary or one voxel from it
 
 
 def _scale(scales: list[int]) -> str:
@@ -172,25 +179,27 @@ class SettingReport:
         names = self.analysis["distance_bands"]
         rows = self._banded("error_distance", names)
         lines = []
-        for name, differences in rows.items():
-            extra = sum(max(d.mean, 0) for d in differences)
-            near = sum(max(d.mean, 0) for d in differences[:CLOSE_TO_BOUNDARY])
-            share = f"{100 * near / extra:.0f} %" if extra > 0 else "-"
-            lines.append([name, *(_difference_cell(d, 1) for d in differences), share])
-        return _table(["switched off", *(f"{n} vox" for n in names), "share within 1 voxel"], lines), rows
+        for mask, (name, differences) in zip(self.off_masks(), rows.items(), strict=True):
+            share = added_profile(self.results, mask, "error_distance", near_share)
+            lines.append(
+                [name, *(_difference_cell(d, 1) for d in differences), share.text(2) if share else "-"]
+            )
+        return _table(["switched off", *(f"{n} vox" for n in names), "added within 1 voxel"], lines), rows
 
     def bands(self) -> tuple[list[str], dict[str, list[Difference]]]:
         names = band_names(self.analysis)
         rows = self._banded("band_energy", names)
         lines = []
-        for name, differences in rows.items():
-            extra = sum(max(d.mean, 0) for d in differences)
-            top = max(range(len(names)), key=lambda k: differences[k].mean)
-            share = (
-                f"band {top + 1} ({100 * max(differences[top].mean, 0) / extra:.0f} %)" if extra > 0 else "-"
+        for mask, (name, differences) in zip(self.off_masks(), rows.items(), strict=True):
+            centre = added_profile(self.results, mask, "band_energy", mean_band)
+            lines.append(
+                [name, *(_difference_cell(d, 1) for d in differences), centre.text(2) if centre else "-"]
             )
-            lines.append([name, *(_difference_cell(d, 1) for d in differences), share])
-        header = ["switched off", *(f"band {k + 1}: {n}" for k, n in enumerate(names)), "largest share"]
+        header = [
+            "switched off",
+            *(f"band {k + 1}: {n}" for k, n in enumerate(names)),
+            "mean band of the added error",
+        ]
         return _table(header, lines), rows
 
     def gradients(self) -> tuple[list[str], dict]:
@@ -255,7 +264,7 @@ class SettingReport:
             lines += [
                 "### Where the lost voxels are",
                 "",
-                "Extra wrong voxels per case, by distance to the true boundary:",
+                "Extra wrong voxels per case, by distance to the true boundary, against all skips on. The last column: of the voxels added in the bands whose errors grew, the share on the boundary or one voxel from it (per seed, then its interval).",
                 "",
                 *table,
                 "",
@@ -277,7 +286,7 @@ class SettingReport:
             lines += [
                 "### At which scale",
                 "",
-                "Extra error energy per case in each frequency band (band k: the wavelengths level k holds and level k+1 cannot):",
+                "Extra error energy per case in each frequency band (band k: the wavelengths level k can hold and level k+1 cannot), against all skips on. The last column: the energy-weighted mean band of the added error (1 = finest; per seed, then its interval).",
                 "",
                 *table,
                 "",

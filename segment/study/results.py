@@ -90,6 +90,34 @@ def switched_off(
     return paired_difference(_paired(base, base, measure, all_on, mask, column))
 
 
+def added_profile(results: SettingResults, mask: str, measure: str, summarise) -> Interval | None:
+    """A vector measure's (``error_distance``, ``band_energy``) change under ``mask``, per seed:
+    the mean over cases of the bands' increases (a band that lost errors counts zero), reduced
+    to one number by ``summarise`` and given an interval over the seeds."""
+    base = results.base
+    if not base:
+        return None
+    all_on = base[0].analysis["built_skips"]
+    values = []
+    for run in base:
+        added = np.clip(
+            (_values(run.cases(mask), measure) - _values(run.cases(all_on), measure)).mean(axis=0), 0, None
+        )
+        if added.sum() > 0:
+            values.append(summarise(added))
+    return seed_interval(values) if values else None
+
+
+def near_share(added: np.ndarray) -> float:
+    """The share of the added wrong voxels on the boundary or one voxel from it."""
+    return float(added[:2].sum() / added.sum())
+
+
+def mean_band(added: np.ndarray) -> float:
+    """The energy-weighted mean band of the added error, 1 the finest."""
+    return float((np.arange(1, len(added) + 1) * added).sum() / added.sum())
+
+
 def trained_without(
     results: SettingResults, variant: str, measure: str, column: int | None = None
 ) -> Difference | None:
