@@ -180,7 +180,8 @@ def train(
         else:
             result = workflows.train(config, overrides, **where, device=device, progress=not quiet)
     except TrainingInterrupted as stopped:
-        _warn(str(stopped))
+        if stopped.is_reporting_process:  # under torchrun one process says why the job stopped
+            _warn(str(stopped))
         raise typer.Exit(code=EXIT_INTERRUPTED) from None
     if result.is_main_process:  # under torchrun the first process prints the summary
         typer.echo(reporting.training_summary(result))
@@ -224,7 +225,7 @@ def predict(
     input: Annotated[
         Path,
         typer.Option(
-            "--input", "-i", help="A scan (.nii, .nii.gz, .nrrd, .mha), a folder of scans, or a folder of one DICOM series."
+            "--input", "-i", help="A scan (.nii, .nii.gz, .nrrd, .mha), a folder of scans, a folder of one DICOM series, or a .zip of one."
         ),
     ],
     output: Annotated[

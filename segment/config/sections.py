@@ -393,6 +393,16 @@ class TrainerConfig(_Section):
         description="Compile the network with torch.compile before training: slower start, "
         "faster steps on some GPUs (benchmarks/gpu.py measures it).",
     )
+    collective_timeout_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="Under torchrun: how long a process waits in a collective (the gradient "
+        "all-reduce, a barrier) for the other processes. A process that was killed or hangs stops "
+        "the job within this time, not PyTorch's 30 minutes; the others stop with one sentence "
+        "naming it, their last checkpoint intact. Raise it if one process may do slow work the "
+        "others wait for: rank 0 registering a large model in a remote MLflow store, or "
+        "validation shares of very uneven cost.",
+    )
     seed: int = Field(0, description="Seed of the initialisation, the sample order and the augmentation.")
     init_from: str | None = Field(
         None,

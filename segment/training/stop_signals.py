@@ -6,14 +6,14 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 
 class StopSignals:
     """Ctrl-C, and a scheduler's SIGTERM, stop training by raising KeyboardInterrupt, except
     while an epoch's results are being saved: a stop that arrives then waits for the
     checkpoint and the MLflow metrics to be written together, so a resumed run neither
     repeats nor loses an epoch's record."""
-
-    _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self._saving = False
@@ -27,7 +27,7 @@ class StopSignals:
             raise KeyboardInterrupt
 
     def __enter__(self) -> StopSignals:
-        self._previous = {number: signal.signal(number, self._handler) for number in self._SIGNALS}
+        self._previous = {number: signal.signal(number, self._handler) for number in _STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -44,3 +44,11 @@ class StopSignals:
         if self._pending:
             self._pending = False
             raise KeyboardInterrupt
+
+
+def ignore_stop_signals() -> None:
+    """Ignore Ctrl-C and SIGTERM from now on, in a process of a torchrun job that is already
+    stopping: torchrun's SIGTERM to the survivors of a lost rank must not cut short their
+    cleanup and the sentence that says what happened (torchrun kills them after 30 s anyway)."""
+    for number in _STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
