@@ -1,34 +1,66 @@
-"""Writing files so that a reader, or a crash, never sees half of one; and refusing a
-destination that cannot be written before the work that fills it is done."""
+"""Writing files so that a reader, or a crash, never sees half of one, and a full disk is one
+sentence that says the previous file is kept; and refusing a destination that cannot be
+written before the work that fills it is done."""
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from segment.errors import InputError
+from segment.errors import DiskFullError, InputError
+
+# A write refused for lack of room: no space left, a disk quota reached, a file-size limit
+# (``ulimit -f``, with which the tests fill a "disk" without filling one).
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 def write_atomically(path: Path, write) -> None:
-    """Call ``write(temporary_path)``, then rename over ``path``: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
+    """Call ``write(temporary_path)``, then rename over ``path``: readers never see half a file.
+
+    Running out of room raises :class:`DiskFullError`, with ``path`` as it was and the
+    temporary file removed; ``write`` must let the ``OSError`` of a failed write through (a
+    C++ writer that reports it as a ``RuntimeError`` hides that the disk is full)."""
+    with reported_when_full(path, str(path), "file"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(handle)
+        try:
+            write(Path(temporary))
+            # On disk before the rename, so that even a power cut leaves the old file or the new one.
+            with open(temporary, "rb+") as written:
+                os.fsync(written.fileno())
+            # mkstemp creates owner-only files; give the result the permissions a plain open() would.
+            os.chmod(temporary, 0o666 & ~current_umask())
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+
+@contextmanager
+def reported_when_full(target: Path, what: str, kind: str) -> Iterator[None]:
+    """Running out of room while the block writes ``target`` (``what``, a ``kind`` such as
+    "file") becomes a :class:`DiskFullError` that says so in one sentence, and whether the
+    ``target`` there before is kept; other errors pass unchanged."""
     try:
-        write(Path(temporary))
-        # On disk before the rename, so that even a power cut leaves the old file or the new one.
-        with open(temporary, "rb+") as written:
-            os.fsync(written.fileno())
-        # mkstemp creates owner-only files; give the result the permissions a plain open() would.
-        os.chmod(temporary, 0o666 & ~current_umask())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        yield
+    except OSError as error:
+        if isinstance(error, DiskFullError):
+            reason = error.reason  # a write inside this one: said again, of the whole
+        elif error.errno in NO_ROOM:
+            reason = error.strerror
+        else:
+            raise
+        kept = f"the previous {kind} is intact" if target.exists() else "nothing partial is left"
+        raise DiskFullError(
+            f"Out of disk space: could not write {what} ({reason}); {kept}.", reason
+        ) from None
 
 
 def discard_unfinished(path: Path) -> None:
@@ -98,27 +130,29 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], what: s
     rename fails, and removed once replaced. A killed run leaves at most the hidden sibling,
     never a half-written ``folder``.
 
-    :class:`InputError` if the parent is marked read-only; what ``write`` and the renames raise
-    (an ``OSError`` for a full disk, say) reaches the caller, with the sibling removed."""
+    :class:`InputError` if the parent is marked read-only, :class:`DiskFullError` (naming
+    ``what``) when the disk fills up; what else ``write`` and the renames raise reaches the
+    caller. Either way the sibling is removed and ``folder`` is as it was."""
     if (locked := read_only_ancestor(folder.parent.absolute())) is not None:
         raise InputError(f"{locked} is marked read-only, so {what} is not written there; give a writable folder.")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # mkdir, not mkdtemp: the finished folder gets the usual umask permissions instead of 0700.
-    staging = folder.parent / f".{folder.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-    staging.mkdir()
-    try:
-        write(staging)
-        if not folder.exists():
-            staging.rename(folder)
-            return folder
-        retired = staging.with_name(staging.name.replace(".partial-", ".old-"))
-        folder.rename(retired)
+    with reported_when_full(folder, f"{what} to {folder}", "folder"):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        # mkdir, not mkdtemp: the finished folder gets the usual umask permissions instead of 0700.
+        staging = folder.parent / f".{folder.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+        staging.mkdir()
         try:
-            staging.rename(folder)
-        except OSError:
-            retired.rename(folder)
-            raise
-        shutil.rmtree(retired)
-        return folder
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            write(staging)
+            if not folder.exists():
+                staging.rename(folder)
+                return folder
+            retired = staging.with_name(staging.name.replace(".partial-", ".old-"))
+            folder.rename(retired)
+            try:
+                staging.rename(folder)
+            except OSError:
+                retired.rename(folder)
+                raise
+            shutil.rmtree(retired)
+            return folder
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)

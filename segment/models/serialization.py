@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
-from segment.atomic import current_umask, write_atomically
+from segment.atomic import current_umask, reported_when_full, write_atomically
 from segment.config import ConfigError, ExperimentConfig, config_to_yaml, load_config
 from segment.errors import SegmentError
 from segment.models.ensemble import Segmenter, UNetEnsemble, mismatch
@@ -47,9 +48,10 @@ def save_model(
         .contiguous()
         for name, tensor in model.state_dict().items()
     }
-    write_atomically(
-        directory / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"name": config.name})
-    )
+    # Serialised here and written by Python, not by safetensors' save_file: that reports a full
+    # disk as a SafetensorError, and only the OSError says it is one.
+    weights = safetensors_bytes(state, metadata={"name": config.name})
+    write_atomically(directory / WEIGHTS_FILE, lambda p: p.write_bytes(weights))
     write_atomically(directory / CONFIG_FILE, lambda p: p.write_text(config_to_yaml(config)))
     return directory
 
@@ -97,16 +99,18 @@ def _staged(directory: Path) -> Iterator[Path]:
     folder appears whole or not at all."""
     if directory.exists():
         raise FileExistsError(f"{directory} already exists; choose a new folder.")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        yield staging
-        # mkdtemp makes an owner-only folder; give it the permissions a plain mkdir would.
-        staging.chmod(0o777 & ~current_umask())
-        staging.rename(directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    # A full disk is told of the folder asked for, not of the hidden one it was being filled in.
+    with reported_when_full(directory, f"the model to {directory}", "folder"):
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            yield staging
+            # mkdtemp makes an owner-only folder; give it the permissions a plain mkdir would.
+            staging.chmod(0o777 & ~current_umask())
+            staging.rename(directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 def load_model(directory: str | Path) -> tuple[Segmenter, ExperimentConfig]:

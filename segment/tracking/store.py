@@ -3,9 +3,11 @@ evaluations logged back onto the runs that trained the models."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import subprocess
 import warnings
 from collections.abc import Iterator
@@ -38,23 +40,55 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 STORE_CREATION_LOGGERS = ("mlflow.store.db.utils", "alembic.runtime.migration")
 # MLflow caps a run name at 250 characters.
 MAX_RUN_NAME = 250
+# What the store raises when it cannot do something: MLflow's own errors, and those of the
+# database or server under it (a file that is no database, a database another writer holds
+# locked, a server that does not answer, a full disk under a local artifact store).
+STORE_FAILURES = (MlflowException, SQLAlchemyError, OSError)
+# Loggers that repeat a store failure which the caller reports in one sentence: MLflow's
+# database layer logs every locked or broken database with its traceback before raising, and
+# the system-metrics monitor logs the store it lost, with the SQL.
+STORE_FAILURE_LOGGERS = ("mlflow.store.db.utils", "mlflow.system_metrics")
+# MLflow tries a request to a server that does not answer for about four minutes (7 retries,
+# doubling pauses, 120 s each). A training keeps what a server gone away did not take for a
+# later epoch (``MetricsLogger``), so seconds are enough; the user's own settings win.
+HTTP_RETRY_BOUNDS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 
 
 class TrackingError(SegmentError):
     """A run or model could not be found or written in the MLflow store."""
 
 
+def failure_reason(error: BaseException) -> str:
+    """A store failure in a few words: the system's error under it when the message reports one
+    ("Connection refused", not the URL, retries and connection pool around it), else the first
+    line of the message, without the SQL that follows a database's error or the driver's class
+    before it ("(sqlite3.OperationalError) database is locked")."""
+    message = error.message if isinstance(error, MlflowException) else f"{type(error).__name__}: {error}"
+    chain = [error]
+    while (inner := chain[-1].__cause__ or chain[-1].__context__) is not None and inner not in chain:
+        chain.append(inner)
+    # Only an OSError the message itself reports: one MLflow handled on its way to another
+    # failure is no reason for it.
+    system = next((cause for cause in reversed(chain) if isinstance(cause, OSError) and cause.strerror), None)
+    if system is not None and system.strerror in str(message):
+        return system.strerror + (f": {system.filename}" if system.filename else "")
+    first_line = next(iter(str(message).strip().splitlines()), "")
+    return " ".join(re.sub(r"^\([\w.]+\) ", "", first_line).split())[:300]
+
+
 @contextmanager
 def store_errors(what: str) -> Iterator[None]:
-    """Turn the store's failures while doing ``what`` into one-sentence :class:`TrackingError`s:
-    MLflow's own, and those of the database or server under it (a file that is no database, a
-    server that does not answer)."""
+    """Turn the store's failures while doing ``what`` into one-sentence :class:`TrackingError`s."""
     try:
         yield
-    except (MlflowException, SQLAlchemyError, OSError) as error:
-        message = error.message if isinstance(error, MlflowException) else f"{type(error).__name__}: {error}"
-        reason = " ".join(str(message).split())[:300]
-        raise TrackingError(f"Could not {what} in the MLflow store {mlflow.get_tracking_uri()}: {reason}") from None
+    except STORE_FAILURES as error:
+        raise TrackingError(
+            f"Could not {what} in the MLflow store {mlflow.get_tracking_uri()}: {failure_reason(error)}"
+        ) from None
 
 
 def resolve_tracking_uri(explicit: str | None = None) -> str:
@@ -71,6 +105,10 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
 
 
 def use_store(tracking_uri: str | None = None) -> str:
+    for name, value in HTTP_RETRY_BOUNDS.items():
+        os.environ.setdefault(name, value)
+    for name in STORE_FAILURE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     uri = resolve_tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -187,6 +225,14 @@ def start_run(config: ExperimentConfig, name: str, resume_run_id: str | None = N
         return mlflow.start_run(experiment_id=experiment_id, run_name=name, log_system_metrics=True)
 
 
+def end_run(status: str) -> None:
+    """End the active run as ``status`` (FINISHED, FAILED, KILLED). MLflow forgets the run in
+    this process before it tells the store, so a store that cannot record the end raises a
+    :class:`TrackingError` and leaves no active run behind."""
+    with store_errors(f"mark the run {status}"):
+        mlflow.end_run(status=status)
+
+
 def _artifact_root(experiment: str) -> str | None:
     """Keep a SQLite store's artifacts beside its database file, not in whatever folder the
     command ran from; a server decides for itself (None)."""
@@ -201,24 +247,24 @@ def log_run_setup(config: ExperimentConfig, split: TaskSplit, device: str) -> No
     """Parameters, provenance tags, the task as a dataset input, and the resolved config and
     split as artifacts."""
     record = split.as_record()
-    mlflow.log_params({key: str(value) for key, value in flatten(config.model_dump(mode="json")).items()})
-    mlflow.set_tags(
-        {
-            "config_name": config.name,
-            "git_commit": git_commit(),
-            "dataset_fingerprint": record["fingerprint"],
-            "device": device,
-            "spatial_dims": str(config.model.spatial_dims),
-            "skip_dropout": str(max(config.model.skip_dropout_per_level)),
-        }
-    )
+    tags = {
+        "config_name": config.name,
+        "git_commit": git_commit(),
+        "dataset_fingerprint": record["fingerprint"],
+        "device": device,
+        "spatial_dims": str(config.model.spatial_dims),
+        "skip_dropout": str(max(config.model.skip_dropout_per_level)),
+    }
     # The Dataset column of the runs table: the task, its case list's digest, and the split.
     dataset = MetaDataset(
         source=_folder_source(split.folder), name=config.data.task, digest=record["fingerprint"]
     )
-    mlflow.log_input(dataset, context="training", tags={"split": _split_description(config.data)})
-    mlflow.log_text(config_to_yaml(config), "config.yaml")
-    mlflow.log_text(json.dumps(record, indent=2), "split.json")
+    with store_errors("record the run's settings"):
+        mlflow.log_params({key: str(value) for key, value in flatten(config.model_dump(mode="json")).items()})
+        mlflow.set_tags(tags)
+        mlflow.log_input(dataset, context="training", tags={"split": _split_description(config.data)})
+        mlflow.log_text(config_to_yaml(config), "config.yaml")
+        mlflow.log_text(json.dumps(record, indent=2), "split.json")
 
 
 def _folder_source(folder: Path):
@@ -243,7 +289,14 @@ def log_model_and_register(model_dir: Path, config: ExperimentConfig, metrics: d
     client = MlflowClient()
     params = {"spatial_dims": str(config.model.spatial_dims), "task": config.data.task}
     logged = mlflow.initialize_logged_model(name=config.name, model_type=MODEL_TYPE, params=params)
-    client.log_model_artifacts(logged.model_id, str(model_dir))
+    try:
+        client.log_model_artifacts(logged.model_id, str(model_dir))
+    except STORE_FAILURES:
+        # Its files are incomplete (a full disk) or unknown (a server gone): marked failed, if
+        # the store answers, rather than left pending as if they were still coming.
+        with contextlib.suppress(*STORE_FAILURES):
+            mlflow.finalize_logged_model(logged.model_id, "FAILED")
+        raise
     mlflow.finalize_logged_model(logged.model_id, "READY")
     version = mlflow.register_model(f"models:/{logged.model_id}", config.name)
     dice = metrics.get("val_mean_dice", float("nan"))

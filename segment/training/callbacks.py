@@ -8,14 +8,18 @@ improved), then those that save, then those that log what was saved."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from segment.engine.scoring import mean_dice, validation_dice
+from segment.errors import DiskFullError
 from segment.models import save_model
-from segment.training.checkpoint import TrainingState, save_checkpoint
+from segment.models.serialization import is_model_directory
+from segment.training.checkpoint import CHECKPOINT_FILE, TrainingState, save_checkpoint
 from segment.training.setup import TrainingSetup
 from segment.training.step import StepResult
 
@@ -106,14 +110,16 @@ class Validation(Callback):
 
 
 class BestModel(Callback):
-    """Saves the validated weights as a model folder whenever they improve."""
+    """Saves the validated weights as a model folder whenever they improve: each file replaced
+    whole, so that a full disk leaves a complete model there, never half a file."""
 
     def __init__(self, setup: TrainingSetup, folder: Path) -> None:
         self._setup, self.folder = setup, folder
 
     def on_epoch_end(self, end: EpochEnd) -> None:
         if end.improved:
-            save_model(self._setup.kept_model, self._setup.config, self.folder)
+            with _stops_when_full("the best model", end.epoch, self.folder, self.folder.parent):
+                save_model(self._setup.kept_model, self._setup.config, self.folder)
 
 
 class Checkpoint(Callback):
@@ -126,6 +132,29 @@ class Checkpoint(Callback):
 
     def on_epoch_end(self, end: EpochEnd) -> None:
         setup = self._setup
-        save_checkpoint(
-            self._run_dir, self._state, setup.model, setup.optimiser, setup.scaler, setup.averaged
-        )
+        with _stops_when_full("the checkpoint", end.epoch, self._run_dir / CHECKPOINT_FILE, self._run_dir):
+            save_checkpoint(
+                self._run_dir, self._state, setup.model, setup.optimiser, setup.scaler, setup.averaged
+            )
+
+
+@contextmanager
+def _stops_when_full(what: str, epoch: int, target: Path, run_dir: Path) -> Iterator[None]:
+    """A full disk while ``what`` of ``epoch`` is saved to ``target`` in ``run_dir`` (a folder
+    named by the run id) stops the run in one sentence: what is kept, and how to go on once
+    there is room. The checkpoint there is the previous epoch's: it is rewritten every epoch."""
+    try:
+        yield
+    except DiskFullError as error:
+        if (run_dir / CHECKPOINT_FILE).is_file():
+            best = "the best model and " if is_model_directory(run_dir / BEST_MODEL_DIR) else ""
+            then = (
+                f"training stopped with {best}the checkpoint of epoch {epoch - 1} intact: free some space, "
+                f"then continue with: segment train --resume {run_dir.name} --output-dir {run_dir.parent}"
+            )
+        else:
+            then = "training stopped before its first checkpoint: free some space, then start it again"
+        raise DiskFullError(
+            f"Out of disk space: could not write {what} of epoch {epoch} to {target} ({error.reason}); {then}.",
+            error.reason,
+        ) from None

@@ -1,5 +1,6 @@
-"""Training checkpoints: written atomically every epoch, read back without unpickling code.
-They hold no random-generator state: every rank reseeds each epoch (``seeding``)."""
+"""Training checkpoints: written atomically every epoch (a full disk leaves the previous one),
+read back without unpickling code. They hold no random-generator state: every rank reseeds
+each epoch (``seeding``)."""
 
 from __future__ import annotations
 
@@ -49,8 +50,37 @@ def save_checkpoint(
         "scaler": scaler.state_dict() if scaler is not None else {},
     }
     path = directory / CHECKPOINT_FILE
-    write_atomically(path, lambda temporary: torch.save(payload, temporary))
+    write_atomically(path, lambda temporary: _save(payload, temporary))
     return path
+
+
+def _save(payload: dict, path: Path) -> None:
+    """``torch.save`` through a file that keeps its failed write: torch's C++ writer turns it
+    into a bare RuntimeError ("unexpected pos"), and only the OSError says the disk is full."""
+    with open(path, "wb") as file:
+        keeping = _KeepsWriteError(file)
+        try:
+            torch.save(payload, keeping)
+        except RuntimeError:
+            if keeping.error is None:
+                raise
+            raise keeping.error from None
+
+
+class _KeepsWriteError:
+    def __init__(self, file) -> None:
+        self._file = file
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self._file.flush()
 
 
 def load_checkpoint(directory: Path) -> dict:

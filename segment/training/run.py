@@ -5,6 +5,7 @@ resumes the run by itself."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,9 +207,10 @@ def _train(
         if run is not None and job is not None:
             job.record_run(output_root, run_id)
         best_dir = run_dir / BEST_MODEL_DIR
-        final = FinalReport(setup, state, val_data, best_dir)
+        metrics = MetricsLogger(state)
+        final = FinalReport(setup, state, val_data, best_dir, metrics)
         callbacks = _callbacks(setup, state, val_data, run_dir, distributed.is_main, progress) + (
-            [final] if distributed.is_main else []
+            [metrics, final] if distributed.is_main else []
         )
         try:
             stop_reason = fit(setup, loader, state, callbacks, distributed)
@@ -219,10 +221,11 @@ def _train(
             if stopped is None:
                 raise
             if run is not None:
-                mlflow.end_run(status="FAILED" if isinstance(stopped, RankLost) else "KILLED")
+                with contextlib.suppress(store.TrackingError):  # the checkpoint is what matters now
+                    store.end_run("FAILED" if isinstance(stopped, RankLost) else "KILLED")
             raise stopped from None
         if run is not None:
-            mlflow.end_run(status="FINISHED")
+            store.end_run("FINISHED")
             if job is not None:
                 job.forget_run(output_root)
         return TrainingResult(
@@ -239,7 +242,9 @@ def _train(
         )
     except BaseException:
         if run is not None and mlflow.active_run() is not None:
-            mlflow.end_run(status="FAILED")
+            # The error on its way says more than a store that cannot record the run's end.
+            with contextlib.suppress(store.TrackingError):
+                store.end_run("FAILED")
         if run is not None and job is not None and not job.restarts_left:
             job.forget_run(output_root)  # no group torchrun restarts is left to read it
         raise
@@ -308,7 +313,8 @@ def _rank_lost_message(
 
 def _callbacks(setup, state, val_data, run_dir: Path, is_main: bool, progress: bool) -> list[Callback]:
     """Every rank validates (each its share of the cases) and keeps the time budget; the
-    first alone shows progress, saves and logs."""
+    first alone shows progress and saves (and logs: the caller adds ``MetricsLogger`` and
+    ``FinalReport``)."""
     trainer = setup.config.trainer
     callbacks: list[Callback] = []
     if progress and is_main:
@@ -317,9 +323,5 @@ def _callbacks(setup, state, val_data, run_dir: Path, is_main: bool, progress: b
         callbacks.append(TimeBudget(trainer.max_minutes))
     callbacks.append(Validation(setup, val_data, setup.config.label_names, state))
     if is_main:
-        callbacks += [
-            BestModel(setup, run_dir / BEST_MODEL_DIR),
-            Checkpoint(setup, state, run_dir),
-            MetricsLogger(state),
-        ]
+        callbacks += [BestModel(setup, run_dir / BEST_MODEL_DIR), Checkpoint(setup, state, run_dir)]
     return callbacks

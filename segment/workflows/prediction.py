@@ -15,7 +15,7 @@ from segment.engine.inference import predict_labels
 from segment.engine.postprocessing import PostProcessing, postprocess
 from segment.engine.preparation import prepare
 from segment.engine.uncertainty import DEFAULT_SAMPLES, estimate
-from segment.errors import InputError
+from segment.errors import DiskFullError, InputError
 from segment.io import (
     NIFTI_SUFFIXES,
     SUPPORTED_SUFFIXES,
@@ -199,6 +199,8 @@ def predict(
             if probability_path or uncertainty_path:
                 found = estimate(network, prepared.volume, runtime, config, skip_mask, samples)
                 maps = _write_maps(found, prepared, scan, label_names, probability_path, uncertainty_path)
+        except DiskFullError:
+            raise  # one sentence already, naming the file that did not fit: the mask or a map
         except OSError as error:
             raise InputError(f"Cannot write {target}: {error.strerror or error}.") from None
         except ScanError as error:
