@@ -60,7 +60,9 @@ def test_predict_on_the_series_gives_the_niftis_mask_voxel_for_voxel(series, tmp
     folder, nifti = series
     runner = CliRunner()
     from_dicom = runner.invoke(app, ["predict", "--model", MODEL, "-i", str(folder), "-o", str(tmp_path)])
-    from_nifti = runner.invoke(app, ["predict", "--model", MODEL, "-i", str(nifti), "-o", str(tmp_path / "n.nii.gz")])
+    from_nifti = runner.invoke(
+        app, ["predict", "--model", MODEL, "-i", str(nifti), "-o", str(tmp_path / "n.nii.gz")]
+    )
     assert from_dicom.exit_code == 0 and from_nifti.exit_code == 0, from_dicom.output
     dicom_mask = nib.load(tmp_path / "series.nii.gz")
     nifti_mask = nib.load(tmp_path / "n.nii.gz")
@@ -79,7 +81,10 @@ def test_a_folder_of_two_series_is_refused_listing_both(series, tmp_path):
         read_scan(mixed)
     message = str(error.value)
     assert message.startswith("mixed/ holds 2 DICOM series, give one per folder: ")
-    assert "1.2.826.0.1.3680043.2.1125.2 (35 files)" in message and "1.2.826.0.1.3680043.2.1125.3 (35 files)" in message
+    assert (
+        "1.2.826.0.1.3680043.2.1125.2 (35 files)" in message
+        and "1.2.826.0.1.3680043.2.1125.3 (35 files)" in message
+    )
 
 
 def test_a_series_with_a_missing_slice_is_refused_not_stacked_at_the_wrong_spacing(series, tmp_path):
@@ -87,7 +92,9 @@ def test_a_series_with_a_missing_slice_is_refused_not_stacked_at_the_wrong_spaci
     gap = tmp_path / "gap"
     shutil.copytree(folder, gap)
     (gap / "slice_017.dcm").unlink()
-    with pytest.raises(ScanError, match=r"^gap/ has missing or unevenly spaced slices \(gaps from 1 to 2 mm\)"):
+    with pytest.raises(
+        ScanError, match=r"^gap/ has missing or unevenly spaced slices \(gaps from 1 to 2 mm\)"
+    ):
         read_scan(gap)
 
 
@@ -96,14 +103,20 @@ def test_a_folder_of_files_that_are_not_dicom_is_refused_in_one_sentence(tmp_pat
     junk.mkdir()
     (junk / "notes.txt").write_text("not an image")
     (junk / "slice.dcm").write_bytes(b"\0" * 200)
-    result = CliRunner().invoke(app, ["predict", "--model", MODEL, "-i", str(junk), "-o", str(tmp_path / "m.nii.gz")])
+    result = CliRunner().invoke(
+        app, ["predict", "--model", MODEL, "-i", str(junk), "-o", str(tmp_path / "m.nii.gz")]
+    )
     assert result.exit_code == 2
-    assert result.output.strip().splitlines()[-1].startswith("Error: junk/ holds no DICOM series and no scans")
+    assert (
+        result.output.strip().splitlines()[-1].startswith("Error: junk/ holds no DICOM series and no scans")
+    )
     assert not (tmp_path / "m.nii.gz").exists()
 
 
 def test_a_100_slice_series_reads_with_its_spacing(tmp_path):
-    volume = sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 1000, (100, 256, 256), dtype=np.int16))
+    volume = sitk.GetImageFromArray(
+        np.random.default_rng(0).integers(0, 1000, (100, 256, 256), dtype=np.int16)
+    )
     volume.SetSpacing((0.9, 0.9, 2.0))
     folder = write_series(volume, tmp_path / "big", "1.2.826.0.1.3680043.2.1125.4")
     scan = read_scan(folder)
@@ -121,11 +134,23 @@ def test_predict_on_a_zip_of_the_series_gives_the_folders_mask(series, tmp_path,
     temporary.mkdir()
     monkeypatch.setattr("tempfile.tempdir", str(temporary))
     runner = CliRunner()
-    from_zip = runner.invoke(app, ["predict", "--model", MODEL, "-i", str(archive), "-o", str(tmp_path / "z.nii.gz")])
-    from_folder = runner.invoke(app, ["predict", "--model", MODEL, "-i", str(folder), "-o", str(tmp_path / "f.nii.gz")])
+    from_zip = runner.invoke(
+        app, ["predict", "--model", MODEL, "-i", str(archive), "-o", str(tmp_path / "z.nii.gz")]
+    )
+    # Into a folder: a NIfTI mask named after the archive.
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    into_folder = runner.invoke(app, ["predict", "--model", MODEL, "-i", str(archive), "-o", str(masks)])
+    assert into_folder.exit_code == 0, into_folder.output
+    from_folder = runner.invoke(
+        app, ["predict", "--model", MODEL, "-i", str(folder), "-o", str(tmp_path / "f.nii.gz")]
+    )
     assert from_zip.exit_code == 0 and from_folder.exit_code == 0, from_zip.output
     zip_mask, folder_mask = nib.load(tmp_path / "z.nii.gz"), nib.load(tmp_path / "f.nii.gz")
     np.testing.assert_array_equal(np.asarray(zip_mask.dataobj), np.asarray(folder_mask.dataobj))
+    np.testing.assert_array_equal(
+        np.asarray(nib.load(masks / "series.nii.gz").dataobj), np.asarray(zip_mask.dataobj)
+    )
     np.testing.assert_allclose(zip_mask.affine, folder_mask.affine, atol=1e-6)
     assert list(temporary.iterdir()) == []  # the unpacked series is gone
 
@@ -160,7 +185,9 @@ def test_a_length_running_past_its_item_is_refused_naming_the_element(series, tm
     item = pydicom.Dataset()
     item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
     item.ReferencedSOPInstanceUID = "1.2.826.0.1.3680043.2.1125.9"
-    path = edited_copy(folder, tmp_path / "nested", 3, lambda dataset: setattr(dataset, "ReferencedImageSequence", [item]))
+    path = edited_copy(
+        folder, tmp_path / "nested", 3, lambda dataset: setattr(dataset, "ReferencedImageSequence", [item])
+    )
     assert read_scan(path.parent).array.shape == (35, 51, 35)  # a sequence is fine
     content = bytearray(path.read_bytes())
     uid = content.index(struct.pack("<HH", 0x0008, 0x1155))
@@ -181,14 +208,22 @@ def test_a_deflated_file_is_refused_as_its_headers_cannot_be_checked(series, tmp
         dataset.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
 
     edited_copy(folder, tmp_path / "deflated", 0, deflate)
-    with pytest.raises(ScanError, match=r"^deflated/ holds slice_000.dcm, a DICOM file whose headers cannot be trusted "
-                       r"\(they are deflated, and cannot be checked before GDCM inflates them\)"):
+    with pytest.raises(
+        ScanError,
+        match=r"^deflated/ holds slice_000.dcm, a DICOM file whose headers cannot be trusted "
+        r"\(they are deflated, and cannot be checked before GDCM inflates them\)",
+    ):
         read_scan(tmp_path / "deflated")
 
 
 def test_slices_of_one_uid_in_different_planes_are_refused_not_mixed(series, tmp_path):
     folder, _ = series
-    edited_copy(folder, tmp_path / "localiser", 17, lambda dataset: setattr(dataset, "ImageOrientationPatient", [0, 1, 0, 0, 0, -1]))
+    edited_copy(
+        folder,
+        tmp_path / "localiser",
+        17,
+        lambda dataset: setattr(dataset, "ImageOrientationPatient", [0, 1, 0, 0, 0, -1]),
+    )
     with pytest.raises(ScanError) as error:
         read_scan(tmp_path / "localiser")
     assert str(error.value) == (
@@ -242,14 +277,20 @@ def test_gdcm_never_parses_a_file_whose_headers_declare_gigabytes(series, tmp_pa
     shutil.copytree(folder, damaged)
     slice_ = damaged / "slice_005.dcm"
     content = bytearray(slice_.read_bytes())
-    struct.pack_into("<I", content, content.index(struct.pack("<HH", 0x0008, 0x0060), 132 + 200) + 4, 0x7FFFFFF0)
+    struct.pack_into(
+        "<I", content, content.index(struct.pack("<HH", 0x0008, 0x0060), 132 + 200) + 4, 0x7FFFFFF0
+    )
     slice_.write_bytes(bytes(content))
     environment = os.environ | {"OMP_NUM_THREADS": "1"}
     peaks = {}
     for case in (folder, bait, damaged):
         result = subprocess.run(
-            [sys.executable, "-c", MEASURED_READ, str(case)], capture_output=True, text=True, timeout=300,
-            env=environment, check=True,
+            [sys.executable, "-c", MEASURED_READ, str(case)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=environment,
+            check=True,
         )
         measured = json.loads(result.stdout)
         peaks[case.name] = measured["peak_mib"]
@@ -285,7 +326,9 @@ def test_read_scan_survives_damaged_dicom_files(series, tmp_path_factory, choice
     files = sorted(folder.iterdir())
     for index, path in enumerate(files):
         content = bytearray(path.read_bytes())
-        action = choices.draw(st.sampled_from(["keep", "keep", "overwrite", "truncate", "drop"]), label=f"slice {index}")
+        action = choices.draw(
+            st.sampled_from(["keep", "keep", "overwrite", "truncate", "drop"]), label=f"slice {index}"
+        )
         if action == "drop":
             continue
         if action == "overwrite":

@@ -72,7 +72,8 @@ def _targets(input: Path, output: Path) -> list[tuple[Path, Path]]:
         if not input.exists():
             raise InputError(f"{input} does not exist.")
         if output.is_dir():
-            output = output / input.name
+            # A zipped DICOM series gives a NIfTI mask named after the archive.
+            output = output / (input.name if scan_suffix(input) else f"{scan_stem(input)}.nii.gz")
         if not scan_suffix(output):
             raise InputError(f"{output.name}: the mask needs a scan suffix ({suffixes}).")
         targets = [(input, output)]
