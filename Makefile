@@ -14,7 +14,7 @@ DATA_ROOT := $(or $(SEGMENT_DATA_ROOT),data)
 STUDY_STORE ?= sqlite:///$(CURDIR)/study/mlflow.db
 STUDY_ARGS ?=
 
-.PHONY: setup test test-fast lint browser bench lock train mlflow-ui study study-progress study-stop app docs
+.PHONY: setup test test-fast faults lint browser bench lock train mlflow-ui study study-progress study-stop app docs
 
 $(INSTALLED): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ test: lint browser
 # The tests that neither train nor start the segment command or a server: under a minute.
 test-fast: $(INSTALLED)
 	$(BIN)/pytest -m "not slow" -q
+
+# The heavy fault drills (docs/reliability.md): eight browser sessions against one viewer, a
+# torchrun rank that hangs, a group torchrun restarts, a tracking server stopped mid-run.
+faults: lint browser
+	$(BIN)/pytest -m faults
 
 train: $(INSTALLED)
 	$(BIN)/segment train --config $(CONFIG) --tracking-uri $(TRACKING_URI) $(ARGS)

@@ -155,6 +155,7 @@ def test_a_rank_killed_mid_epoch_stops_the_job_in_one_sentence_and_the_run_resum
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_a_rank_that_hangs_stops_the_job_within_the_collective_timeout(tmp_path, env, job_reaper):
     runs = tmp_path / "runs"
     job = start_job(tmp_path, env, epochs=500, timeout=10)
@@ -183,6 +184,7 @@ def test_a_rank_that_hangs_stops_the_job_within_the_collective_timeout(tmp_path,
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_torchrun_restarts_the_group_which_resumes_the_run_by_itself(tmp_path, env, job_reaper):
     runs = tmp_path / "runs"
     epochs = 12  # enough that the kill comes before the end

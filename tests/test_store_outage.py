@@ -132,6 +132,7 @@ def server(tmp_path) -> Iterator[TrackingServer]:
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_a_tracking_server_stopped_mid_run_costs_no_epoch_and_is_reported_in_one_sentence(tmp_path, env, server):
     env |= {"MLFLOW_TRACKING_URI": server.uri}
     runs = tmp_path / "runs"
