@@ -167,15 +167,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def serve(folder: Path) -> tuple[str, subprocess.Popen]:
-    """The viewer on a free port of 127.0.0.1, with an empty MLflow store in ``folder``: (its
-    URL, the process). Streamlit's output goes to ``folder``/viewer.log."""
+def serve(folder: Path, *flags: str) -> tuple[str, subprocess.Popen]:
+    """The viewer on a free port of 127.0.0.1 with Streamlit ``flags`` and an empty MLflow store
+    in ``folder``: (its URL, the process). Streamlit's output goes to ``folder``/viewer.log."""
     port = free_port()
     env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
     command = [
         sys.executable, "-m", "streamlit", "run", str(VIEWER),
         "--server.port", str(port), "--server.address", "127.0.0.1",
-        "--server.headless", "true", "--browser.gatherUsageStats", "false",
+        "--server.headless", "true", "--browser.gatherUsageStats", "false", *flags,
     ]  # fmt: skip
     with (folder / "viewer.log").open("wb") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

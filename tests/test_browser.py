@@ -3,21 +3,21 @@ served by Streamlit on 127.0.0.1. Screenshots are saved for a person to look at.
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
-import subprocess
 import sys
-import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
-from conftest import ROOT, free_port, load_script
+from conftest import ROOT, load_script
 
 pytestmark = pytest.mark.slow
 write_series = load_script("nifti_to_dicom").write_series
+sys.path.insert(0, str(ROOT / "benchmarks"))
+viewer_sessions = importlib.import_module("viewer_sessions")
 
 CHROMIUM = shutil.which("chromium")
 CHROMIUM_ARGS = [
@@ -45,38 +45,10 @@ def chromium_path() -> str:
 
 def serve(tmp_path: Path, *flags: str):
     """The viewer served on a free port of 127.0.0.1 with Streamlit ``flags``: (its URL, the process)."""
-    port = free_port()
-    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    command = [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        str(ROOT / "app" / "viewer.py"),
-        "--server.port",
-        str(port),
-        "--server.address",
-        "127.0.0.1",
-        "--server.headless",
-        "true",
-        "--browser.gatherUsageStats",
-        "false",
-        *flags,
-    ]
-    process = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as answer:
-                if answer.status == 200:
-                    return url, process
-        except OSError:
-            time.sleep(0.3)
-    process.kill()
-    pytest.fail("the viewer did not answer /_stcore/health within 60 s")
+    try:
+        return viewer_sessions.serve(tmp_path, *flags)
+    except RuntimeError as error:
+        pytest.fail(str(error))
 
 
 @pytest.fixture

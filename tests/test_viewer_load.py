@@ -17,9 +17,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 viewer_sessions = importlib.import_module("viewer_sessions")
 
 SESSIONS = 8
-# Measured with eight sessions on two busy cores: the server's peak grew by about 29 MB per
-# session over one session's peak with the shared model, and by about 51 MB when each session
-# loaded its own copy of the bundled ensemble (an injected fault). 40 MB lies between the two.
+# A session's own state (its scan, features and masks) costs far less than a copy of the
+# bundled ensemble, which a model loaded per session would add; the bound lies between the two
+# (docs/reliability.md has the figures).
 ALLOWANCE_PER_SESSION_MB = 40
 
 
