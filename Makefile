@@ -42,7 +42,8 @@ test-fast: $(INSTALLED)
 	$(BIN)/pytest -m "not slow" -q
 
 # The heavy fault drills (docs/reliability.md): eight browser sessions against one viewer, a
-# torchrun rank that hangs, a group torchrun restarts, a tracking server stopped mid-run.
+# torchrun rank that hangs, a group torchrun restarts, a tracking server stopped mid-run, a
+# full disk while the best model is saved.
 faults: lint browser
 	$(BIN)/pytest -m faults
 

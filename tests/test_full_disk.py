@@ -118,6 +118,7 @@ def test_a_full_disk_while_the_checkpoint_is_saved_stops_the_run_and_keeps_the_p
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_a_full_disk_while_the_best_model_is_saved_keeps_the_previous_best_model(copied_run):
     folder, run_dir, env = copied_run
     # As if no epoch had been validated yet, so that epoch 2 improves, whatever its score.

@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -22,8 +23,6 @@ from segment.training.checkpoint import load_checkpoint
 from segment.training.tracking_callbacks import epochs_text
 
 EPOCHS = 8
-# MLflow's SQLite store waits 20 s for a lock before it fails: held longer, the lock fails a try.
-LOCK_SECONDS = 25
 
 
 def first_epoch_logged(uri: str, training: subprocess.Popen) -> str:
@@ -57,15 +56,24 @@ def test_a_sqlite_store_locked_mid_run_gets_every_epoch_once_it_is_free(tmp_path
     training = start_tiny_training(
         tmp_path, env, runs, EPOCHS, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(training.stderr), daemon=True)
+    reader.start()
     try:
         run_id = first_epoch_logged(env["MLFLOW_TRACKING_URI"], training)
-        # Another writer holds the database: no one else reads or writes it until it lets go.
+        # Another writer holds the database, and lets go only once the training has said that
+        # the store did not take an epoch: however slow the machine, one log is refused.
         holder = sqlite3.connect(database, isolation_level=None, timeout=30)
         holder.execute("BEGIN EXCLUSIVE")
-        time.sleep(LOCK_SECONDS)
+        deadline = time.monotonic() + 240
+        while not any(line.startswith("Warning: the MLflow store") for line in lines):
+            assert time.monotonic() < deadline and training.poll() is None, "".join(lines)
+            time.sleep(0.2)
         holder.execute("ROLLBACK")
         holder.close()
-        stdout, stderr = training.communicate(timeout=300)
+        training.wait(timeout=300)
+        reader.join(timeout=30)
+        stdout, stderr = training.stdout.read(), "".join(lines)
     finally:
         training.kill()
         training.wait()

@@ -32,9 +32,13 @@ def _fp32(logits: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torc
 
 def level_gradient_norms(model: torch.nn.Module) -> tuple[float, ...]:
     """The L2 norm of the gradients of each encoder level's parameters, finest first; one
-    device sync for all levels."""
+    device sync for all levels. Empty for a network without our level encoder (the GPU
+    benchmark's reference networks)."""
+    stages = getattr(getattr(model, "encoder", None), "stages", None)
+    if stages is None:
+        return ()
     norms = []
-    for stage in model.encoder.stages:
+    for stage in stages:
         grads = [p.grad.detach().float() for p in stage.parameters() if p.grad is not None]
         norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
     return tuple(torch.stack(norms).tolist())
