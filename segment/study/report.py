@@ -44,7 +44,7 @@ def mask_name(mask: str, analysis: dict) -> str:
 
 def variant_name(variant: str, analysis: dict) -> str:
     if variant == WITH_SKIP_DROPOUT:
-        return "skip dropout"
+        return "trained with skip dropout, every skip on"
     if variant == NO_SKIP_DROPOUT:
         return "every skip, no skip dropout"
     if variant == WITHOUT_SKIPS:
@@ -155,12 +155,13 @@ class SettingReport:
                     _p(found[0]),
                 ]
             )
-        for variant in self.level_variants():
+        # Skip dropout's own price first: the same network, every skip on, trained both ways.
+        for variant in [WITH_SKIP_DROPOUT, *self.level_variants()]:
             found = [trained_without(self.results, variant, m) for m in shown]
             if found[0] is not None:
                 rows.append(
                     [
-                        f"{variant_name(variant, self.analysis)}, against every skip",
+                        f"{variant_name(variant, self.analysis)}, against every skip without skip dropout",
                         *map(_difference_cell, found),
                         _p(found[0]),
                     ]
@@ -221,6 +222,32 @@ class SettingReport:
         header = ["trained", *(f"level {k}" for k in range(1, levels + 1)), "level 1 / deepest"]
         return _table(header, rows), curves
 
+    def single_levels(self) -> list[str]:
+        """The masks with one level's skip off: the figures leave out all off, whose change
+        would dwarf theirs (the tables hold it)."""
+        return [mask for mask in self.off_masks() if mask_name(mask, self.analysis) != "all off"]
+
+    def _level_figure(self):
+        """Each level switched off at inference beside the network trained without it."""
+        masks = self.single_levels()
+        names = [mask_name(mask, self.analysis) for mask in masks]
+        measures = {}
+        for measure, title in (
+            ("mean_dice", "Dice"),
+            ("nsd:1", "NSD 1"),
+            *((("cldice", "clDice"),) if self.two_d else ()),
+        ):
+            switched = [switched_off(self.results, mask, measure) for mask in masks]
+            trained = [
+                trained_without(self.results, f"{WITHOUT_LEVEL}{mask.index('0') + 1}", measure)
+                for mask in masks
+            ]
+            measures[title] = (switched, trained)
+        return figures.level_changes(self.results.setting.title, names, measures)
+
+    def _single(self, rows: dict) -> dict:
+        return {name: row for name, row in rows.items() if name != "all off"}
+
     def _figure(self, figure, stem: str) -> str:
         path = self.figures_dir / f"{self.name}_{stem}.png"
         with plots.released(figure):
@@ -244,22 +271,7 @@ class SettingReport:
         ]
         lines += ["### Changes, paired by case and seed", "", *self.differences(), ""]
         if results.base:
-            names = [mask_name(m, self.analysis) for m in self.off_masks()]
-            references = {mask_name(results.masks()[0], self.analysis)}  # noqa: F841 - all on has no change
-            variants = {m: f"{WITHOUT_LEVEL}{i}" for i, m in enumerate(self.off_masks(), start=1)}
-            measures = {}
-            for measure, title in (
-                ("mean_dice", "Dice"),
-                ("nsd:1", "NSD 1"),
-                *((("cldice", "clDice"),) if self.two_d else ()),
-            ):
-                switched = [switched_off(results, m, measure) for m in self.off_masks()]
-                trained = [
-                    trained_without(results, WITHOUT_SKIPS if n == "all off" else variants[m], measure)
-                    for m, n in zip(self.off_masks(), names, strict=True)
-                ]
-                measures[title] = (switched, trained)
-            lines += [self._figure(figures.level_changes(setting.title, names, measures), "levels"), ""]
+            lines += [self._figure(self._level_figure(), "levels"), ""]
             table, rows = self.boundary()
             lines += [
                 "### Where the lost voxels are",
@@ -273,7 +285,7 @@ class SettingReport:
                 self._figure(
                     figures.banded(
                         "Extra errors by distance to the boundary",
-                        rows,
+                        self._single(rows),
                         [f"{n} vox" for n in self.analysis["distance_bands"]],
                         "distance to the true boundary",
                         "extra wrong voxels per case",
@@ -295,7 +307,7 @@ class SettingReport:
                 self._figure(
                     figures.banded(
                         "Extra error energy by frequency band",
-                        rows,
+                        self._single(rows),
                         band_names(self.analysis),
                         "band (wavelength)",
                         "extra error energy per case",
