@@ -139,10 +139,13 @@ class SettingReport:
         return _table(["model", "skips", "seeds", *self.headers], rows)
 
     def differences(self) -> list[str]:
-        shown = ["mean_dice", "nsd:1", *(["cldice"] if self.two_d else [])]
+        shown = ["mean_dice", "nsd:0.5", "nsd:1", *(["cldice"] if self.two_d else [])]
         header = [
             "change",
-            *(f"{h} [95 % interval]" for h in ("Dice", "NSD 1", *(["clDice"] if self.two_d else []))),
+            *(
+                f"{h} [95 % interval]"
+                for h in ("Dice", "NSD 0.5", "NSD 1", *(["clDice"] if self.two_d else []))
+            ),
             "p (Dice)",
         ]
         rows = []
