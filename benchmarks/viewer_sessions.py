@@ -43,7 +43,7 @@ from segment.models.sources import bundled_members, bundled_models
 from segment.workflows import explore, load
 
 VIEWER = ROOT / "app" / "viewer.py"
-# As tests/test_browser.py launches Debian's Chromium: headless, no GPU, no network chatter.
+# Debian's Chromium, headless: no GPU, no network chatter (tests/test_browser.py adds to these).
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",

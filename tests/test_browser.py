@@ -20,17 +20,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 viewer_sessions = importlib.import_module("viewer_sessions")
 
 CHROMIUM = shutil.which("chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    # WebGL (the 3D view) in software: Chromium no longer falls back to it by itself.
-    "--enable-unsafe-swiftshader",
-]
+# The load benchmark's Chromium flags, plus WebGL (the 3D view) in software: Chromium no longer
+# falls back to it by itself.
+CHROMIUM_ARGS = [*viewer_sessions.CHROMIUM_ARGS, "--enable-unsafe-swiftshader"]
 
 
 @pytest.fixture
