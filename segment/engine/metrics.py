@@ -91,16 +91,35 @@ def score_case(
     spacing = list(scan.spacing)
     tolerance = default_nsd_tolerance(scan) if nsd_tolerance is None else nsd_tolerance
     hd95 = compute_hausdorff_distance(predicted, expected, percentile=95, spacing=spacing)[0]
-    nsd = compute_surface_dice(predicted, expected, [tolerance] * (classes - 1), spacing=spacing)[0]
+    nsd = surface_dice_per_label(prediction, truth, classes, tolerance, spacing, (predicted, expected))
     scores = CaseScores(case, scan.unit, tolerance, scan.volume_unit)
     for index, value in enumerate(range(1, classes)):
         name = label_names.get(value, str(value))
         present = (prediction == value).any(), (truth == value).any()
         scores.dice[name] = float(dice[index])
         scores.hd95[name] = float(hd95[index]) if all(present) else math.nan
-        # Both empty: nothing to find and nothing found, a perfect boundary score.
-        scores.nsd[name] = 1.0 if not any(present) else float(nsd[index]) if all(present) else 0.0
+        scores.nsd[name] = nsd[index]
         scores.volume[name] = float((prediction == value).sum()) * scan.voxel_volume
+    return scores
+
+
+def surface_dice_per_label(
+    prediction: np.ndarray,
+    truth: np.ndarray,
+    classes: int,
+    tolerance: float,
+    spacing: list[float],
+    one_hot: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> list[float]:
+    """NSD of each foreground label within ``tolerance`` (in the unit of ``spacing``); a label
+    absent from both masks scores 1 (nothing to find, nothing found), from one of them 0.
+    ``one_hot``: the pair already encoded, when the caller has it."""
+    predicted, expected = one_hot or (label_one_hot(prediction, classes), label_one_hot(truth, classes))
+    values = compute_surface_dice(predicted, expected, [tolerance] * (classes - 1), spacing=spacing)[0]
+    scores = []
+    for index, value in enumerate(range(1, classes)):
+        present = (prediction == value).any(), (truth == value).any()
+        scores.append(1.0 if not any(present) else float(values[index]) if all(present) else 0.0)
     return scores
 
 

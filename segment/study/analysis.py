@@ -13,11 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.metrics import compute_surface_dice
 
 from segment.data.tasks import case_id, split_task
 from segment.engine.inference import FeatureCache, predict_labels
-from segment.engine.metrics import dice_per_label, label_one_hot
+from segment.engine.metrics import dice_per_label, label_one_hot, surface_dice_per_label
 from segment.engine.preparation import prepare
 from segment.engine.scoring import ablation_masks
 from segment.io import read_scan
@@ -42,19 +41,16 @@ def _surface_dice(
     prediction: np.ndarray, truth: np.ndarray, classes: int, spacing: list[float]
 ) -> dict[str, float]:
     """Mean surface Dice over the foreground labels at each tolerance of ``NSD_TOLERANCES`` (in
-    finest voxels); a label absent from both masks counts 1, from one of them 0."""
-    predicted, expected = label_one_hot(prediction, classes), label_one_hot(truth, classes)
-    scores = {}
-    for tolerance in detail.NSD_TOLERANCES:
-        values = compute_surface_dice(
-            predicted, expected, [tolerance * min(spacing)] * (classes - 1), spacing=spacing
-        )[0]
-        per_label = []
-        for index, value in enumerate(range(1, classes)):
-            present = (prediction == value).any(), (truth == value).any()
-            per_label.append(1.0 if not any(present) else float(values[index]) if all(present) else 0.0)
-        scores[f"{tolerance:g}"] = float(np.mean(per_label))
-    return scores
+    finest voxels)."""
+    one_hot = label_one_hot(prediction, classes), label_one_hot(truth, classes)
+    return {
+        f"{tolerance:g}": float(
+            np.mean(
+                surface_dice_per_label(prediction, truth, classes, tolerance * min(spacing), spacing, one_hot)
+            )
+        )
+        for tolerance in detail.NSD_TOLERANCES
+    }
 
 
 def case_measures(

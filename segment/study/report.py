@@ -19,7 +19,7 @@ from segment.study.results import (
     trained_without,
 )
 from segment.study.settings import NO_SKIP_DROPOUT, WITH_SKIP_DROPOUT, WITHOUT_LEVEL, WITHOUT_SKIPS
-from segment.study.statistics import Difference
+from segment.study.statistics import Difference, seed_interval
 
 FIGURES = "figures"
 
@@ -179,36 +179,29 @@ class SettingReport:
             for mask in self.off_masks()
         }
 
-    def boundary(self) -> tuple[list[str], dict[str, list[Difference]]]:
-        names = self.analysis["distance_bands"]
-        rows = self._banded("error_distance", names)
+    def _banded_table(
+        self, measure: str, columns: list[str], summary: str, summarise
+    ) -> tuple[list[str], dict[str, list[Difference]]]:
+        """Each level switched off: its change per band (distance or frequency) with intervals,
+        then ``summarise`` of the bands that grew, per seed."""
+        rows = self._banded(measure, columns)
         lines = []
         for mask, (name, differences) in zip(self.off_masks(), rows.items(), strict=True):
-            share = added_profile(self.results, mask, "error_distance", near_share)
+            reduced = added_profile(self.results, mask, measure, summarise)
             lines.append(
-                [name, *(_difference_cell(d, 1) for d in differences), share.text(2) if share else "-"]
+                [name, *(_difference_cell(d, 1) for d in differences), reduced.text(2) if reduced else "-"]
             )
-        return _table(["switched off", *(f"{n} vox" for n in names), "added within 1 voxel"], lines), rows
+        return _table(["switched off", *columns, summary], lines), rows
+
+    def boundary(self) -> tuple[list[str], dict[str, list[Difference]]]:
+        columns = [f"{n} vox" for n in self.analysis["distance_bands"]]
+        return self._banded_table("error_distance", columns, "added within 1 voxel", near_share)
 
     def bands(self) -> tuple[list[str], dict[str, list[Difference]]]:
-        names = band_names(self.analysis)
-        rows = self._banded("band_energy", names)
-        lines = []
-        for mask, (name, differences) in zip(self.off_masks(), rows.items(), strict=True):
-            centre = added_profile(self.results, mask, "band_energy", mean_band)
-            lines.append(
-                [name, *(_difference_cell(d, 1) for d in differences), centre.text(2) if centre else "-"]
-            )
-        header = [
-            "switched off",
-            *(f"band {k + 1}: {n}" for k, n in enumerate(names)),
-            "mean band of the added error",
-        ]
-        return _table(header, lines), rows
+        columns = [f"band {k + 1}: {n}" for k, n in enumerate(band_names(self.analysis))]
+        return self._banded_table("band_energy", columns, "mean band of the added error", mean_band)
 
     def gradients(self) -> tuple[list[str], dict]:
-        from segment.study.statistics import seed_interval
-
         curves = {}
         for variant in (WITH_SKIP_DROPOUT, NO_SKIP_DROPOUT, WITHOUT_SKIPS):
             runs = self.results.seeds(variant)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from segment.study.analysis import ARTIFACT, read_analysis
+from segment.study.analysis import has_analysis, read_analysis
 from segment.study.runner import CPU_TAG, FINISHED
 from segment.study.settings import NO_SKIP_DROPOUT, SETTINGS, WITH_SKIP_DROPOUT, Setting
 from segment.study.statistics import Difference, Interval, paired_difference, seed_interval
@@ -150,7 +150,7 @@ def collect(tracking_uri: str | None = None) -> list[SettingResults]:
         if setting not in by_setting:
             continue
         with store_errors(f"read run {run.info.run_id}"):
-            if not any(item.path == ARTIFACT for item in client.list_artifacts(run.info.run_id, "study")):
+            if not has_analysis(run.info.run_id):
                 continue
             analysis = read_analysis(run.info.run_id)
         levels = analysis["levels"]

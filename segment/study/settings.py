@@ -70,13 +70,6 @@ SETTINGS = (
 )
 
 
-def setting(name: str) -> Setting:
-    for candidate in SETTINGS:
-        if candidate.name == name:
-            return candidate
-    raise KeyError(name)
-
-
 def variant_skips(variant: str, levels: int) -> tuple[int, ...]:
     """The long skips a variant is built with, finest first."""
     if variant == WITHOUT_SKIPS:
