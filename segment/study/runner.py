@@ -117,7 +117,6 @@ class StudyRunner:
         self.runs, self.configs, self.data_roots = runs, configs, data_roots
         self.tracking_uri, self.output_dir = tracking_uri, output_dir
         self.jobs, self.threads, self.say = jobs, threads, say
-        self.failed: list[Job] = []
 
     def _spec(self, job: Job, stored: dict[str, list[StoredRun]]) -> tuple[dict, str | None]:
         run = job.run
@@ -210,7 +209,6 @@ class StudyRunner:
                         launch = self._start(job, stored_study_runs(self.tracking_uri))
                     except InputError as error:
                         self.say(f"skipped {job.run.run_name}: {error}")
-                        self.failed.append(job)
                         continue
                     running[launch.process.pid] = launch
                     how = "analysing" if job.kind == ANALYSE else "resuming" if launch.resumed else "training"
@@ -229,7 +227,6 @@ class StudyRunner:
                 except TrackingError as error:
                     self.say(f"could not record the CPU time: {error}")
                 if launch.process.returncode != 0:
-                    self.failed.append(job)
                     self.say(
                         f"failed (exit {launch.process.returncode}) to {job.kind} {job.run.run_name}; "
                         f"see {self.output_dir / 'logs'}"
