@@ -10,10 +10,15 @@ import subprocess
 import numpy as np
 import pytest
 from conftest import ROOT, segment_command, set_args, store_client, tiny_hippocampus_overrides
+from scipy import ndimage
 
 from segment.study import detail
+from segment.study.analysis import case_measures
+from segment.study.report import SettingReport
+from segment.study.results import AnalysedRun, SettingResults
 from segment.study.settings import (
     NO_SKIP_DROPOUT,
+    SETTINGS,
     WITH_SKIP_DROPOUT,
     WITHOUT_SKIPS,
     study_runs,
@@ -95,8 +100,10 @@ def test_the_study_trains_pairs_together_and_the_claims_first():
     runs = study_runs(seeds=3, epochs=20)
     first_seed = [run.variant for run in runs[:3]]
     assert first_seed == [WITH_SKIP_DROPOUT, NO_SKIP_DROPOUT, WITHOUT_SKIPS]
-    assert [run.setting.name for run in runs[:18]] == ["hippocampus_3d"] * 9 + ["isbi2012_2d"] * 9
-    assert [run.variant for run in runs[18:22]] == [f"without_level_{k}" for k in range(1, 5)]
+    settings = [run.setting.name for run in runs]
+    assert settings[:18] == ["hippocampus_3d"] * 9 + ["isbi2012_2d"] * 9
+    assert [run.variant for run in runs[:54]].count(WITHOUT_SKIPS) == 18  # every setting's three
+    assert [run.variant for run in runs[54:58]] == [f"without_level_{k}" for k in range(1, 5)]
     assert len({run.run_name for run in runs}) == len(runs)
     assert variant_skips("without_level_2", 5) == (1, 0, 1, 1)
     without = next(run for run in runs if run.variant == WITHOUT_SKIPS)
@@ -179,3 +186,55 @@ def test_the_study_resumes_after_a_stop_and_reports_with_intervals(tmp_path, hip
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0
     assert "training:" not in again.stdout and "analysing:" not in again.stdout
+
+
+def analysed_runs(truth: np.ndarray, setting: str, seeds: int = 2) -> list[AnalysedRun]:
+    """Skip-dropout runs of a 3-level network whose predictions erode the truth a little more
+    with each skip switched off, measured by the study's own per-case measures."""
+    scales = [[1, 1], [2, 2], [4, 4]]
+    bands = detail.band_masks(truth.shape, scales)
+    distance = detail.boundary_distance(truth, [1.0] * truth.ndim)
+    runs = []
+    for seed in range(seeds):
+        masks = {}
+        for mask, eroded in (("11", 0), ("01", 1), ("10", 1), ("00", 2)):
+            prediction = (
+                ndimage.binary_erosion(truth, iterations=eroded).astype(np.int64) if eroded else truth
+            )
+            cases = [
+                {
+                    "case": f"case{number}",
+                    **case_measures(prediction, truth, [1.0] * truth.ndim, 2, bands, distance),
+                }
+                for number in range(3)
+            ]
+            masks[mask] = cases
+        analysis = {
+            "labels": ["foreground"],
+            "levels": 3,
+            "level_scales": scales,
+            "built_skips": "11",
+            "distance_bands": list(detail.DISTANCE_BANDS),
+            "nsd_tolerances": [f"{t:g}" for t in detail.NSD_TOLERANCES],
+            "unit": "mm",
+            "masks": masks,
+        }
+        runs.append(
+            AnalysedRun(f"run{seed}", setting, WITH_SKIP_DROPOUT, seed, 1.0, analysis, [0.1, 0.05, 0.01])
+        )
+    return runs
+
+
+@pytest.mark.parametrize(
+    ("setting", "truth", "skeletons"),
+    [("isbi2012_2d", np.pad(np.ones((24, 6), dtype=np.int64), 8), True), ("hippocampus_2d", cube(), False)],
+)
+def test_skeleton_scores_are_reported_for_2d_masks_not_for_volumes_a_2d_network_predicts(
+    tmp_path, setting, truth, skeletons
+):
+    results = SettingResults(next(s for s in SETTINGS if s.name == setting))
+    results.runs[WITH_SKIP_DROPOUT] = analysed_runs(truth, setting)
+    text = "\n".join(SettingReport(results, tmp_path).markdown())
+    assert ("clDice" in text) is skeletons
+    assert "level 1 (full resolution) off, at inference" in text
+    assert (tmp_path / f"{setting}_levels.png").stat().st_size > 10_000

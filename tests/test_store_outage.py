@@ -81,8 +81,12 @@ def test_a_sqlite_store_locked_mid_run_gets_every_epoch_once_it_is_free(tmp_path
     assert training.returncode == 0, stderr[-2000:]
     assert "Traceback" not in stderr
     lines = stderr.splitlines()
-    assert any(line.startswith("Warning: the MLflow store") and "(database is locked)" in line for line in lines), stderr
-    assert any(line.startswith("The MLflow store answers again: the metrics of epoch") for line in lines), stderr
+    assert any(
+        line.startswith("Warning: the MLflow store") and "(database is locked)" in line for line in lines
+    ), stderr
+    assert any(line.startswith("The MLflow store answers again: the metrics of epoch") for line in lines), (
+        stderr
+    )
     assert f"Finished run {run_id}" in stdout
     assert logged_epochs(env["MLFLOW_TRACKING_URI"], run_id) == list(range(1, EPOCHS + 1))
     client = store_client(env["MLFLOW_TRACKING_URI"])
@@ -102,10 +106,18 @@ class TrackingServer:
 
     def start(self) -> None:
         command = [
-            str(Path(sys.executable).with_name("mlflow")), "server",
-            "--backend-store-uri", f"sqlite:///{self._folder / 'server.db'}",
-            "--artifacts-destination", str(self._folder / "artifacts"),
-            "--host", "127.0.0.1", "--port", self.uri.rsplit(":", 1)[1], "--workers", "1",
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self._folder / 'server.db'}",
+            "--artifacts-destination",
+            str(self._folder / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            self.uri.rsplit(":", 1)[1],
+            "--workers",
+            "1",
         ]
         # A session of its own, so that stopping it stops its workers too.
         self._process = subprocess.Popen(
@@ -141,7 +153,9 @@ def server(tmp_path) -> Iterator[TrackingServer]:
 
 @pytest.mark.slow
 @pytest.mark.faults
-def test_a_tracking_server_stopped_mid_run_costs_no_epoch_and_is_reported_in_one_sentence(tmp_path, env, server):
+def test_a_tracking_server_stopped_mid_run_costs_no_epoch_and_is_reported_in_one_sentence(
+    tmp_path, env, server
+):
     env |= {"MLFLOW_TRACKING_URI": server.uri}
     runs = tmp_path / "runs"
     training = start_tiny_training(

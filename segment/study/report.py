@@ -86,20 +86,23 @@ class SettingReport:
     def __init__(self, results: SettingResults, figures_dir: Path) -> None:
         self.results, self.figures_dir = results, figures_dir
         self.analysis = results.analysis
-        self.two_d = len(self.analysis["level_scales"][0]) == 2
+        # Skeleton scores are taken on 2D masks only: the EM slices, not the volumes a 2D
+        # network predicts slice by slice.
+        first_cases = next(iter(self.analysis["masks"].values()))
+        self.skeletons = bool(first_cases) and "cldice" in first_cases[0]
         self.measures = [
             "mean_dice",
             "nsd:0.5",
             "nsd:1",
             "nsd:2",
-            *(["cldice", "skeleton_recall"] if self.two_d else []),
+            *(["cldice", "skeleton_recall"] if self.skeletons else []),
         ]
         self.headers = [
             "Dice",
             "NSD 0.5",
             "NSD 1",
             "NSD 2",
-            *(["clDice", "skeleton recall"] if self.two_d else []),
+            *(["clDice", "skeleton recall"] if self.skeletons else []),
         ]
 
     @property
@@ -139,12 +142,12 @@ class SettingReport:
         return _table(["model", "skips", "seeds", *self.headers], rows)
 
     def differences(self) -> list[str]:
-        shown = ["mean_dice", "nsd:0.5", "nsd:1", *(["cldice"] if self.two_d else [])]
+        shown = ["mean_dice", "nsd:0.5", "nsd:1", *(["cldice"] if self.skeletons else [])]
         header = [
             "change",
             *(
                 f"{h} [95 % interval]"
-                for h in ("Dice", "NSD 0.5", "NSD 1", *(["clDice"] if self.two_d else []))
+                for h in ("Dice", "NSD 0.5", "NSD 1", *(["clDice"] if self.skeletons else []))
             ),
             "p (Dice)",
         ]
@@ -231,7 +234,7 @@ class SettingReport:
         for measure, title in (
             ("mean_dice", "Dice"),
             ("nsd:1", "NSD 1"),
-            *((("cldice", "clDice"),) if self.two_d else ()),
+            *((("cldice", "clDice"),) if self.skeletons else ()),
         ):
             switched = [switched_off(self.results, mask, measure) for mask in masks]
             trained = [

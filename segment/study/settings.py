@@ -39,8 +39,8 @@ class Setting:
         return [f"{WITHOUT_LEVEL}{level}" for level in range(1, levels)]
 
 
-# In the order they are trained (the per-level references after the first two settings): a
-# study stopped early holds the runs the main claims rest on.
+# In the order they are trained, the per-level references last: a study stopped early holds
+# every setting's skip-dropout model and its two references first.
 SETTINGS = (
     Setting(
         "hippocampus_3d",
@@ -144,7 +144,7 @@ def study_runs(
     chosen = [s for s in SETTINGS if not only or s.name in only]
     levels = {setting.name: setting.levels(configs, extra) for setting in chosen}
     groups = [(setting, setting.variants()) for setting in chosen]
-    groups[2:2] = [(setting, setting.per_level_variants(levels[setting.name])) for setting in chosen]
+    groups += [(setting, setting.per_level_variants(levels[setting.name])) for setting in chosen]
     return [
         StudyRun(setting, variant, seed, epochs, levels[setting.name], tuple(extra))
         for setting, variants in groups
