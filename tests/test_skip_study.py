@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from segment.study import detail
 from segment.study.analysis import case_measures
-from segment.study.report import SettingReport
+from segment.study.report import SettingReport, gradient_summary
 from segment.study.results import AnalysedRun, SettingResults
 from segment.study.settings import (
     NO_SKIP_DROPOUT,
@@ -238,3 +238,19 @@ def test_skeleton_scores_are_reported_for_2d_masks_not_for_volumes_a_2d_network_
     assert ("clDice" in text) is skeletons
     assert "level 1 (full resolution) off, at inference" in text
     assert (tmp_path / f"{setting}_levels.png").stat().st_size > 10_000
+
+
+def test_the_gradient_summary_sets_each_seed_with_skips_against_the_same_seed_without():
+    results = SettingResults(SETTINGS[0])
+    for seed, scale in enumerate((1.0, 1.1, 0.9)):
+        for variant, norms in ((NO_SKIP_DROPOUT, [0.10, 0.02, 0.001]), (WITHOUT_SKIPS, [0.03, 0.02, 0.01])):
+            gradients = [norm * scale for norm in norms]
+            results.runs[variant].append(
+                AnalysedRun(f"{variant}{seed}", "s", variant, seed, 1.0, {}, gradients)
+            )
+    row = next(line for line in gradient_summary([results]) if line.startswith(f"| {SETTINGS[0].title}"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[1] == "3"
+    assert cells[4] == "**3.33 [3.33, 3.33]**"  # the same ratio for every seed: certain, above 1
+    assert cells[5].startswith("100.0") and cells[6].startswith("3.0")
+    assert gradient_summary([SettingResults(SETTINGS[1])]) == []  # no pairs, no section

@@ -19,7 +19,7 @@ from segment.study.results import (
     trained_without,
 )
 from segment.study.settings import NO_SKIP_DROPOUT, WITH_SKIP_DROPOUT, WITHOUT_LEVEL, WITHOUT_SKIPS
-from segment.study.statistics import Difference, seed_interval
+from segment.study.statistics import Difference, Interval, seed_interval
 
 FIGURES = "figures"
 
@@ -329,6 +329,64 @@ class SettingReport:
         return lines
 
 
+def _ratio_cell(ratio: Interval) -> str:
+    text = ratio.text(2)
+    return f"**{text}**" if ratio.seeds >= 2 and (ratio.low > 1 or ratio.high < 1) else text
+
+
+def gradient_summary(all_results: list[SettingResults]) -> list[str]:
+    """The gradient reaching the finest encoder level with every long skip and without any,
+    setting beside setting, so that the plain and ResNet (short-skip) encoders can be set side
+    by side. Ratios are per seed (the same seed with and without), then their interval."""
+    rows = []
+    for results in all_results:
+        with_skips = {run.seed: run for run in results.seeds(NO_SKIP_DROPOUT)}
+        pairs = [
+            (with_skips[run.seed], run)
+            for run in results.seeds(WITHOUT_SKIPS)
+            if run.seed in with_skips and run.gradient_norms and with_skips[run.seed].gradient_norms
+        ]
+        if not pairs:
+            continue
+
+        def finest(run) -> float:
+            return run.gradient_norms[0]
+
+        def finest_over_deepest(run) -> float:
+            return run.gradient_norms[0] / run.gradient_norms[-1]
+
+        rows.append(
+            [
+                results.setting.title,
+                str(len(pairs)),
+                seed_interval([finest(a) for a, _ in pairs]).text(4),
+                seed_interval([finest(b) for _, b in pairs]).text(4),
+                _ratio_cell(seed_interval([finest(a) / finest(b) for a, b in pairs])),
+                seed_interval([finest_over_deepest(a) for a, _ in pairs]).text(1),
+                seed_interval([finest_over_deepest(b) for _, b in pairs]).text(1),
+            ]
+        )
+    if not rows:
+        return []
+    header = [
+        "setting",
+        "seeds",
+        "level 1, with long skips",
+        "level 1, without",
+        "with / without",
+        "level 1 / deepest, with",
+        "level 1 / deepest, without",
+    ]
+    return [
+        "## Gradient flow, setting beside setting",
+        "",
+        "Mean gradient norm over training reaching the finest encoder level's weights, in the network with every long skip (no skip dropout) and in the one trained without any. **Bold**: the ratio's interval excludes 1. The ResNet encoder's short skips are in both of its networks.",
+        "",
+        *_table(header, rows),
+        "",
+    ]
+
+
 def study_report(all_results: list[SettingResults], output: Path) -> str:
     """Write the report to ``output`` (Markdown) and its figures beside it; return the text."""
     figures_dir = output.parent / FIGURES
@@ -346,6 +404,7 @@ def study_report(all_results: list[SettingResults], output: Path) -> str:
         f"Training CPU time of the analysed runs: {cpu / 3600:.1f} hours.",
         "",
     ]
+    lines += gradient_summary(all_results)
     for results in all_results:
         lines += SettingReport(results, figures_dir).markdown()
     text = "\n".join(lines) + "\n"
