@@ -90,6 +90,28 @@ def write_atomically_as(path: Path, suffix: str, write: Callable[[Path], None]) 
     write_atomically(path, write_named)
 
 
+def raise_if_no_room(folder: Path, size: int) -> None:
+    """Raise the ``OSError`` of running out of room if ``size`` bytes cannot be written in
+    ``folder`` now; return if they can, or if the write fails for another reason. For C++
+    writers (SimpleITK) whose failed write says "file stream is fail" or "error closing gzFile"
+    rather than why: the same amount written from Python says why."""
+    probe = None
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".space-probe.", dir=folder)
+        with os.fdopen(handle, "wb") as written:
+            chunk = bytes(min(size, 1 << 20))
+            for start in range(0, size, max(len(chunk), 1)):
+                written.write(chunk[: size - start])
+            written.flush()
+            os.fsync(written.fileno())
+    except OSError as error:
+        if error.errno in NO_ROOM:
+            raise
+    finally:
+        if probe is not None:
+            Path(probe).unlink(missing_ok=True)
+
+
 def read_only_ancestor(folder: Path) -> Path | None:
     """``folder``, or the nearest existing folder above it, if it has no write permission bits.
 

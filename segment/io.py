@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import nibabel as nib
 import numpy as np
 
-from segment.atomic import write_atomically, write_atomically_as
+from segment.atomic import raise_if_no_room, write_atomically, write_atomically_as
 from segment.errors import SegmentError
 
 if TYPE_CHECKING:
@@ -840,7 +840,16 @@ def write_mask(mask: np.ndarray, scan: Scan, path: str | Path, label_names: dict
         else:
             _set_itk_geometry(image, scan.affine)
         image.SetMetaData("labels", description)
-        write_atomically_as(path, suffix, lambda named: sitk.WriteImage(image, str(named), True))
+
+        def write_itk(named: Path) -> None:
+            try:
+                sitk.WriteImage(image, str(named), True)
+            except RuntimeError:
+                # Compressed, the file is no larger than the raw labels.
+                raise_if_no_room(named.parent, labels.nbytes)
+                raise
+
+        write_atomically_as(path, suffix, write_itk)
     sidecar = path.with_name(scan_stem(path) + ".labels.json")
     write_atomically(
         sidecar,

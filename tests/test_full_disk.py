@@ -15,6 +15,7 @@ from pathlib import Path
 
 import nibabel as nib
 import pytest
+import SimpleITK as sitk
 import torch
 from conftest import (
     HIPPOCAMPUS,
@@ -162,20 +163,25 @@ def test_a_full_disk_while_the_best_model_is_saved_keeps_the_previous_best_model
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("limit", "refused"),
-    [(NO_ROOM_FOR_A_MASK, "mask.nii.gz"), (ROOM_FOR_THE_MASK_ONLY, "probabilities.nii.gz")],
+    ("limit", "mask_name", "refused"),
+    [
+        (NO_ROOM_FOR_A_MASK, "mask.nii.gz", "mask.nii.gz"),
+        # SimpleITK writes NRRD and MetaImage, and reports a full disk only as a failed stream.
+        (NO_ROOM_FOR_A_MASK, "mask.nrrd", "mask.nrrd"),
+        (ROOM_FOR_THE_MASK_ONLY, "mask.nii.gz", "probabilities.nii.gz"),
+    ],
 )
 def test_a_full_disk_while_a_prediction_is_written_keeps_the_previous_file(
-    trained, tmp_path, hippocampus_root, limit, refused
+    trained, tmp_path, hippocampus_root, limit, mask_name, refused
 ):
     (run_dir,) = (trained / "runs").iterdir()
     task = hippocampus_root / HIPPOCAMPUS
     scan = task / "imagesTr" / "hippocampus_001.nii.gz"
-    # What an earlier prediction left there: real NIfTI files, to be kept byte for byte.
+    # What an earlier prediction left there: real label files, to be kept byte for byte.
     out = tmp_path / "out"
     out.mkdir()
-    mask, probabilities = out / "mask.nii.gz", out / "probabilities.nii.gz"
-    shutil.copyfile(task / "labelsTr" / "hippocampus_001.nii.gz", mask)
+    mask, probabilities = out / mask_name, out / "probabilities.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(str(task / "labelsTr" / "hippocampus_001.nii.gz")), str(mask), True)
     shutil.copyfile(scan, probabilities)
     before = digests(out)
 
