@@ -72,6 +72,11 @@ class ScanError(SegmentError):
     """A file cannot be used as a scan; the message says which file and why."""
 
 
+def nifti_unit(header: nib.Nifti1Header) -> str:
+    """The spatial unit a NIfTI header declares: µm, m, or mm (also when it declares none)."""
+    return {"micron": "µm", "meter": "m"}.get(header.get_xyzt_units()[0], "mm")
+
+
 @dataclass
 class Scan:
     """A 3D scan: intensities in the file's voxel order and the voxel -> RAS+ mm affine."""
@@ -102,8 +107,7 @@ class Scan:
     def unit(self) -> str:
         """The spatial unit a NIfTI header declares (the converted EM task is in micrometres);
         millimetres otherwise, which is also what ITK reports for NRRD and MHA."""
-        declared = self.nifti_header.get_xyzt_units()[0] if self.nifti_header is not None else "mm"
-        return {"micron": "µm", "meter": "m"}.get(declared, "mm")
+        return nifti_unit(self.nifti_header) if self.nifti_header is not None else "mm"
 
     @property
     def volume_unit(self) -> str:

@@ -25,6 +25,7 @@ import numpy as np
 
 from segment.atomic import read_only_ancestor, write_atomically
 from segment.errors import SegmentError
+from segment.io import nifti_unit
 
 CACHE_NAME = ".segment_fingerprint.json"
 # Foreground voxels drawn per case for the intensity statistics: enough for stable percentiles,
@@ -227,8 +228,7 @@ def _channel_stats(samples: np.ndarray) -> list[ChannelStats]:
 
 
 def _unit(image_path: Path) -> str:
-    declared = _load(image_path).header.get_xyzt_units()[0]
-    return {"micron": "µm", "meter": "m"}.get(declared, "mm")
+    return nifti_unit(_load(image_path).header)
 
 
 def fingerprint(folder: str | Path, progress: bool = True) -> Fingerprint:
