@@ -20,7 +20,7 @@ import pytest
 from conftest import free_port, resume_training, start_tiny_training, store_client
 
 from segment.training.checkpoint import load_checkpoint
-from segment.training.tracking_callbacks import epochs_text
+from segment.training.tracking_callbacks import UNLOGGED_FILE, epochs_text
 
 EPOCHS = 8
 
@@ -93,6 +93,48 @@ def test_a_sqlite_store_locked_mid_run_gets_every_epoch_once_it_is_free(tmp_path
     assert client.get_run(run_id).info.status == "FINISHED"
     assert client.search_model_versions("name='hippocampus_3d'"), "the model was not registered"
     assert load_checkpoint(runs / run_id)["state"].epochs_done == EPOCHS
+
+
+@pytest.mark.slow
+def test_a_run_stopped_while_the_store_is_locked_logs_the_held_epochs_when_resumed(tmp_path, env):
+    database = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{database}"
+    env |= {"MLFLOW_TRACKING_URI": uri}
+    runs = tmp_path / "runs"
+    # Far more epochs than run before the stop: the run is stopped mid-way, whatever the machine.
+    training = start_tiny_training(
+        tmp_path, env, runs, 200, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(training.stderr), daemon=True)
+    reader.start()
+    holder = None
+    try:
+        run_id = first_epoch_logged(uri, training)
+        holder = sqlite3.connect(database, isolation_level=None, timeout=30)
+        holder.execute("BEGIN EXCLUSIVE")
+        deadline = time.monotonic() + 240
+        while not any(line.startswith("Warning: the MLflow store") for line in lines):
+            assert time.monotonic() < deadline and training.poll() is None, "".join(lines)
+            time.sleep(0.2)
+        training.send_signal(signal.SIGINT)  # Ctrl-C, with epochs held for the store
+        training.wait(timeout=120)
+    finally:
+        if holder is not None:
+            holder.execute("ROLLBACK")
+            holder.close()
+        training.kill()
+        training.wait()
+    assert training.returncode == 130, "".join(lines)[-2000:]
+    done = load_checkpoint(runs / run_id)["state"].epochs_done
+    assert (runs / run_id / UNLOGGED_FILE).is_file()
+    assert logged_epochs(uri, run_id)[-1] < done
+
+    resumed = resume_training(run_id, runs, done, tmp_path, env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert logged_epochs(uri, run_id) == list(range(1, done + 1)), "an epoch was lost or logged twice"
+    assert not (runs / run_id / UNLOGGED_FILE).exists()
+    assert store_client(uri).get_run(run_id).info.status == "FINISHED"
 
 
 class TrackingServer:
@@ -188,7 +230,7 @@ def test_a_tracking_server_stopped_mid_run_costs_no_epoch_and_is_reported_in_one
         f"{epochs_text(list(range(len(logged) + 1, EPOCHS + 1)))}, the learning curves, the validation "
         f"overlay and the model (Connection refused); the best model is in {run_dir / 'best'} and the "
         f"checkpoint in {run_dir / 'checkpoint.pt'}, and once the store answers, segment train --resume "
-        f"{run_id} --output-dir {runs} logs the figures and the model."
+        f"{run_id} --output-dir {runs} logs them."
     )
 
     # The command the sentence gives, with the store back: the run is finished and its model registered.
@@ -197,4 +239,7 @@ def test_a_tracking_server_stopped_mid_run_costs_no_epoch_and_is_reported_in_one
     client = store_client(server.uri)
     assert client.get_run(run_id).info.status == "FINISHED"
     assert [version.run_id for version in client.search_model_versions("name='hippocampus_3d'")] == [run_id]
-    assert logged_epochs(server.uri, run_id) == logged, "a resumed run with no epochs left logged one"
+    assert logged_epochs(server.uri, run_id) == list(range(1, EPOCHS + 1)), (
+        "the held epochs were not logged once"
+    )
+    assert not (run_dir / UNLOGGED_FILE).exists()

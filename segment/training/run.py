@@ -207,7 +207,7 @@ def _train(
         if run is not None and job is not None:
             job.record_run(output_root, run_id)
         best_dir = run_dir / BEST_MODEL_DIR
-        metrics = MetricsLogger(state)
+        metrics = MetricsLogger(state, run_dir)
         final = FinalReport(setup, state, val_data, best_dir, metrics)
         callbacks = _callbacks(setup, state, val_data, run_dir, distributed.is_main, progress) + (
             [metrics, final] if distributed.is_main else []

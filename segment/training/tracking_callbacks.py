@@ -2,11 +2,13 @@
 completed run its figures and the registered model.
 
 A store that fails mid-run (a server stopped, a SQLite file another writer holds locked, a full
-disk under it) does not stop the training: the metrics wait in memory for a later epoch, and
-what is still not logged when the run ends is named in one sentence."""
+disk under it) does not stop the training: the metrics wait for a later epoch, in memory and
+in the run's folder (so that a stopped run's resume logs them), and what is still not logged
+when the run ends is named in one sentence."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -16,6 +18,7 @@ import mlflow
 import numpy as np
 
 from segment import plots
+from segment.atomic import write_atomically
 from segment.engine.inference import predict_logits
 from segment.models import load_model
 from segment.tracking import store
@@ -32,6 +35,8 @@ log = logging.getLogger(__name__)
 # waits 20 s for a lock, a server is retried for seconds), and an epoch can take one second.
 FIRST_PAUSE_SECONDS = 30.0
 LONGEST_PAUSE_SECONDS = 600.0
+# The metrics the store has not taken yet, in the run's folder beside its checkpoint.
+UNLOGGED_FILE = "unlogged_metrics.json"
 
 
 class MetricsLogger(Callback):
@@ -39,11 +44,17 @@ class MetricsLogger(Callback):
 
     Metrics the store does not take wait in :attr:`unlogged` and go, in epoch order, with a
     later epoch's once a pause has passed, and at the end of the run in any case; the store's
-    first failure and its recovery are told in one line each."""
+    first failure and its recovery are told in one line each. While any wait, they are also in
+    ``run_dir``'s :data:`UNLOGGED_FILE`, which the resumed run logs first: a run stopped, or
+    ended, while the store was down loses no epoch's figures."""
 
-    def __init__(self, state: TrainingState) -> None:
+    def __init__(self, state: TrainingState, run_dir: Path) -> None:
         self._state = state
+        self._file = run_dir / UNLOGGED_FILE
         self.unlogged: dict[int, tuple[int, dict[str, float]]] = {}  # epoch: (time in ms, metrics)
+        if self._file.is_file():
+            held = json.loads(self._file.read_text())
+            self.unlogged = {int(epoch): (timestamp, metrics) for epoch, (timestamp, metrics) in held.items()}
         self.failure: str | None = None  # why the store last failed; None while it works
         self._pause = FIRST_PAUSE_SECONDS
         self._next_try = 0.0  # time.monotonic() from which the store is tried again
@@ -55,10 +66,19 @@ class MetricsLogger(Callback):
         self.unlogged[end.epoch] = (int(time.time() * 1000), metrics)
         if time.monotonic() >= self._next_try:
             self._log_unlogged()
+        self._keep_unlogged()
 
     def on_fit_end(self, stop_reason: str) -> None:
         if self.unlogged:
             self._log_unlogged()
+            self._keep_unlogged()
+
+    def _keep_unlogged(self) -> None:
+        if self.unlogged:
+            text = json.dumps({str(epoch): held for epoch, held in self.unlogged.items()})
+            write_atomically(self._file, lambda temporary: temporary.write_text(text))
+        else:
+            self._file.unlink(missing_ok=True)
 
     def _log_unlogged(self) -> None:
         waiting = epochs_text(list(self.unlogged))
@@ -149,8 +169,7 @@ class FinalReport(Callback):
         return (
             f"Training finished, but the MLflow store {mlflow.get_tracking_uri()} did not take "
             f"{listing(unlogged)} ({failure}); {kept}, and once the store answers, "
-            f"segment train --resume {self._state.run_id} --output-dir {run_dir.parent} logs the figures "
-            "and the model."
+            f"segment train --resume {self._state.run_id} --output-dir {run_dir.parent} logs them."
         )
 
     def _log_learning_curves(self) -> None:
