@@ -109,6 +109,7 @@ def test_the_study_trains_pairs_together_and_the_claims_first():
     without = next(run for run in runs if run.variant == WITHOUT_SKIPS)
     assert "model.long_skips=[0,0,0,0]" in without.overrides()
     assert "trainer.max_minutes=null" in without.overrides()
+    assert "trainer.amp=bf16" in without.overrides()
 
 
 @pytest.mark.slow

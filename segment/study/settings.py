@@ -116,6 +116,9 @@ class StudyRun:
             # Epochs decide, not minutes: a budget in minutes would give a loaded machine's
             # seeds fewer epochs than an idle one's.
             "trainer.max_minutes=null",
+            # One precision on every machine: "auto" picks bf16 on a CPU with native bf16 and
+            # fp32 on one without, and a setting's seeds may be trained in different sessions.
+            "trainer.amp=bf16",
             *self.setting.overrides,
             *self.extra,
         ]
