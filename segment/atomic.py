@@ -156,9 +156,7 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], what: s
     ``what``) when the disk fills up; what else ``write`` and the renames raise reaches the
     caller. Either way the sibling is removed and ``folder`` is as it was."""
     if (locked := read_only_ancestor(folder.parent.absolute())) is not None:
-        raise InputError(
-            f"{locked} is marked read-only, so {what} is not written there; give a writable folder."
-        )
+        raise InputError(f"{locked} is marked read-only, so {what} is not written there; give a writable folder.")
     with reported_when_full(folder, f"{what} to {folder}", "folder"):
         folder.parent.mkdir(parents=True, exist_ok=True)
         # mkdir, not mkdtemp: the finished folder gets the usual umask permissions instead of 0700.

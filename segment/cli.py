@@ -146,9 +146,7 @@ def train(
     ] = None,
     task: Annotated[
         str | None,
-        typer.Option(
-            help="Plan a config for this task (a name under the data root, or a task folder) and train it."
-        ),
+        typer.Option(help="Plan a config for this task (a name under the data root, or a task folder) and train it."),
     ] = None,
     overrides: SetOption = None,
     data_root: DataRootOption = None,
@@ -169,7 +167,9 @@ def train(
 
     overrides = _overrides(overrides, context)
     if sum(given is not None for given in (config, task, resume)) != 1:
-        raise InputError("Give one of --config or --task to start a run, or --resume RUN_ID to continue one.")
+        raise InputError(
+            "Give one of --config or --task to start a run, or --resume RUN_ID to continue one."
+        )
     if task is not None:
         folder, data_root = workflows.planning.task_location(task, data_root)
         config = workflows.plan(folder, device=device, progress=not quiet).config
@@ -189,9 +189,7 @@ def train(
 
 @app.command()
 def plan(
-    task: Annotated[
-        str, typer.Argument(help="A task name under the data root (Task05_Prostate) or a task folder.")
-    ],
+    task: Annotated[str, typer.Argument(help="A task name under the data root (Task05_Prostate) or a task folder.")],
     data_root: DataRootOption = None,
     device: Annotated[str, typer.Option(help="Plan for auto (CUDA when present), cpu or cuda.")] = "auto",
     output: Annotated[
@@ -227,9 +225,7 @@ def predict(
     input: Annotated[
         Path,
         typer.Option(
-            "--input",
-            "-i",
-            help="A scan (.nii, .nii.gz, .nrrd, .mha), a folder of scans, a folder of one DICOM series, or a .zip of one.",
+            "--input", "-i", help="A scan (.nii, .nii.gz, .nrrd, .mha), a folder of scans, a folder of one DICOM series, or a .zip of one."
         ),
     ],
     output: Annotated[
@@ -237,9 +233,7 @@ def predict(
     ],
     skip_mask: Annotated[
         str | None,
-        typer.Option(
-            "--skip-mask", help="Long skips on (1) or off (0), level 1 (finest) first, e.g. 1,1,0,1."
-        ),
+        typer.Option("--skip-mask", help="Long skips on (1) or off (0), level 1 (finest) first, e.g. 1,1,0,1."),
     ] = None,
     keep_largest: KeepLargestOption = False,
     min_size: MinSizeOption = None,
@@ -258,8 +252,7 @@ def predict(
         ),
     ] = None,
     samples: Annotated[
-        int,
-        typer.Option(help="Skip settings drawn for --probabilities/--uncertainty of a skip-dropout model."),
+        int, typer.Option(help="Skip settings drawn for --probabilities/--uncertainty of a skip-dropout model.")
     ] = 8,
     output_format: Annotated[
         str,
@@ -395,16 +388,12 @@ def export(
     if format == "folder":
         typer.echo(f"Wrote {written}; use it as --model {written}")
     else:
-        typer.echo(
-            f"Wrote {written}: inputs image (B, C, X, Y, Z) prepared as config.yaml says, skip_mask (0/1 per skip)"
-        )
+        typer.echo(f"Wrote {written}: inputs image (B, C, X, Y, Z) prepared as config.yaml says, skip_mask (0/1 per skip)")
 
 
 @app.command()
 def report(
-    experiment: Annotated[
-        str | None, typer.Option(help="Only this experiment (task), for evaluated models.")
-    ] = None,
+    experiment: Annotated[str | None, typer.Option(help="Only this experiment (task), for evaluated models.")] = None,
     output: Annotated[
         Path | None,
         typer.Option(help="Write the report to this Markdown file (the study's figures go beside it)."),
@@ -449,21 +438,16 @@ def study(
     ] = None,
     data_root: Annotated[
         list[Path] | None,
-        typer.Option(
-            help="Folders holding the MSD tasks (repeatable; default $SEGMENT_DATA_ROOT and ./data)."
-        ),
+        typer.Option(help="Folders holding the MSD tasks (repeatable; default $SEGMENT_DATA_ROOT and ./data)."),
     ] = None,
-    output_dir: Annotated[
-        Path, typer.Option(help="Checkpoints, models and logs of the study's runs.")
-    ] = Path("study"),
+    output_dir: Annotated[Path, typer.Option(help="Checkpoints, models and logs of the study's runs.")] = Path(
+        "study"
+    ),
     jobs: Annotated[int, typer.Option(min=1, help="Runs trained at once.")] = 2,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads per run.")] = 1,
     progress: Annotated[bool, typer.Option("--progress", help="Only say how far the study has got.")] = False,
     train: Annotated[
-        bool,
-        typer.Option(
-            "--train/--no-train", help="Train missing runs, or only analyse and report trained ones."
-        ),
+        bool, typer.Option("--train/--no-train", help="Train missing runs, or only analyse and report trained ones.")
     ] = True,
     report: Annotated[Path, typer.Option(help="Where the report is written (figures beside it).")] = Path(
         "study/report.md"

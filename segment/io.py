@@ -270,9 +270,7 @@ def _read_itk(path: Path, channels: int) -> Scan:
     except ScanError:
         raise
     except RuntimeError as error:
-        raise ScanError(
-            f"{path.name} is not a readable {scan_suffix(path)} file ({_itk_reason(error)})."
-        ) from None
+        raise ScanError(f"{path.name} is not a readable {scan_suffix(path)} file ({_itk_reason(error)}).") from None
     if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() not in (2, 3):
         raise ScanError(
             f"{path.name} is not a single-channel 2D or 3D image; give a greyscale scan, or its channels as a 4D NIfTI."
@@ -297,9 +295,7 @@ def _scan_from_itk(image: sitk.Image, path: Path, shape: tuple[int, int, int], d
 def dicom_series(folder: Path) -> list[tuple[str, list[str]]]:
     """The DICOM image series in ``folder`` (not below it): (series UID, its files in slice
     order), every file checked by :func:`_dicom_header` first. Other files are passed over."""
-    return [
-        (uid, [str(item.path) for item in slices]) for uid, slices in _dicom_folder(folder).series.items()
-    ]
+    return [(uid, [str(item.path) for item in slices]) for uid, slices in _dicom_folder(folder).series.items()]
 
 
 @dataclass(frozen=True)
@@ -367,9 +363,7 @@ def _dicom_header(data: bytes | mmap.mmap, max_elements: int) -> _DicomHeader:
         if offset == container.limit:
             raise _UnsafeDicom(f"it ends at byte {offset:,}, inside a sequence or item never closed")
         if offset + 8 > container.limit:
-            raise _UnsafeDicom(
-                f"the element header at byte {offset:,} runs past the end of the file or its item"
-            )
+            raise _UnsafeDicom(f"the element header at byte {offset:,} runs past the end of the file or its item")
         if in_meta and len(stack) == 1 and struct.unpack_from("<H", data, offset)[0] != META_GROUP:
             in_meta = False
             container.endian, container.implicit = _body_encoding(values.get(TRANSFER_SYNTAX))
@@ -436,9 +430,7 @@ def _enter_item(tag: int, length: int, offset: int, stack: list[_Container]) -> 
     raise _UnsafeDicom(f"item tag {_tag(tag)} at byte {offset:,} is out of place")
 
 
-def _element_header(
-    data: bytes | mmap.mmap, offset: int, container: _Container
-) -> tuple[bytes | None, int, int]:
+def _element_header(data: bytes | mmap.mmap, offset: int, container: _Container) -> tuple[bytes | None, int, int]:
     """(VR, None without one; declared length; where the value starts) of the element at
     ``offset``. Where explicit VR is expected but the two bytes are no VR, the element is read
     as implicit VR, as pydicom and GDCM read files that switch encoding in a sequence."""
@@ -491,9 +483,7 @@ def _dicom_folder(folder: Path) -> _DicomFolder:
         try:
             header = _checked_dicom_file(path, budget)
         except OSError as error:
-            raise ScanError(
-                f"{folder.name}/ holds {path.name}, which cannot be read ({error.strerror or error})."
-            ) from None
+            raise ScanError(f"{folder.name}/ holds {path.name}, which cannot be read ({error.strerror or error}).") from None
         except _UnsafeDicom as error:
             raise ScanError(
                 f"{folder.name}/ holds {path.name}, a DICOM file whose headers cannot be trusted ({error}); "
@@ -560,9 +550,7 @@ def _slice_order(slices: list[_Slice]) -> list[_Slice]:
     name breaks ties. Missing, doubled and uneven slices are refused later, from the stack."""
     if all(item.position is not None and item.orientation is not None for item in slices):
         normal = np.cross(*slices[0].orientation.reshape(2, 3))
-        return sorted(
-            slices, key=lambda item: (float(normal @ item.position), item.number or 0, item.path.name)
-        )
+        return sorted(slices, key=lambda item: (float(normal @ item.position), item.number or 0, item.path.name))
     return sorted(slices, key=lambda item: (item.number is None, item.number or 0, item.path.name))
 
 
@@ -591,12 +579,9 @@ def _read_dicom(folder: Path, channels: int) -> Scan:
         )
     if len(found.series) > 1:
         listed = _listed(
-            [f"{_series_name(uid, slices)} ({len(slices)} files)" for uid, slices in found.series.items()],
-            "; ",
+            [f"{_series_name(uid, slices)} ({len(slices)} files)" for uid, slices in found.series.items()], "; "
         )
-        raise ScanError(
-            f"{folder.name}/ holds {len(found.series)} DICOM series, give one per folder: {listed}."
-        )
+        raise ScanError(f"{folder.name}/ holds {len(found.series)} DICOM series, give one per folder: {listed}.")
     (slices,) = found.series.values()
     _check_orientations(slices, folder)
     files = [str(item.path) for item in slices]
@@ -671,16 +656,12 @@ def _check_slice_sizes(files: list[str], folder: Path) -> None:
         try:
             header.ReadImageInformation()
         except RuntimeError as error:
-            raise ScanError(
-                f"{folder.name}/ holds a damaged DICOM file ({_itk_reason(error)}); export the series again."
-            ) from None
+            raise ScanError(f"{folder.name}/ holds a damaged DICOM file ({_itk_reason(error)}); export the series again.") from None
         sizes.add(tuple(header.GetSize()[:2]))
     if len(sizes) > 1:
         shown = ", ".join(" x ".join(map(str, size)) for size in sorted(sizes)[:3])
-        raise ScanError(
-            f"{folder.name}/ has slices of different sizes ({shown}); give the complete, undamaged series."
-        )
-    ((columns, rows),) = sizes
+        raise ScanError(f"{folder.name}/ has slices of different sizes ({shown}); give the complete, undamaged series.")
+    (columns, rows), = sizes
     _volume_shape((columns, rows, len(files)), folder)
 
 
@@ -799,9 +780,7 @@ def write_maps(maps: np.ndarray, scan: Scan, path: str | Path, description: str)
     if maps.shape[:3] != scan.shape:
         raise ValueError(f"map shape {maps.shape[:3]} differs from the scan's {scan.shape}")
     if scan_suffix(path) not in NIFTI_SUFFIXES:
-        raise ScanError(
-            f"Cannot write {path.name}: probability and uncertainty maps are NIfTI (.nii.gz or .nii)."
-        )
+        raise ScanError(f"Cannot write {path.name}: probability and uncertainty maps are NIfTI (.nii.gz or .nii).")
     header = nib.Nifti1Header()
     if scan.nifti_header is not None:
         header.set_xyzt_units(*scan.nifti_header.get_xyzt_units())

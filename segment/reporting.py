@@ -150,11 +150,7 @@ def evaluation_markdown(report: EvaluationReport) -> str:
         ]
         lines += ["", *_markdown_table(header, cells)]
     if report.postprocessing:
-        header = [
-            "post-processing",
-            "mean Dice",
-            *(f"{m} {label}" for label in labels for m in ("HD95", "NSD")),
-        ]
+        header = ["post-processing", "mean Dice", *(f"{m} {label}" for label in labels for m in ("HD95", "NSD"))]
         cells = [
             [
                 row.steps,

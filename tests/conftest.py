@@ -148,19 +148,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def resume_training(
-    run_id: str, runs: Path, max_epochs: int, cwd: Path, env: dict
-) -> subprocess.CompletedProcess:
+def resume_training(run_id: str, runs: Path, max_epochs: int, cwd: Path, env: dict) -> subprocess.CompletedProcess:
     """``segment train --resume RUN_ID`` from the checkpoints in ``runs``, up to ``max_epochs``."""
     return run_segment(
-        "train",
-        "--resume",
-        run_id,
-        "--output-dir",
-        str(runs),
-        "--quiet",
-        "--set",
-        f"trainer.max_epochs={max_epochs}",
-        cwd=cwd,
-        env=env,
+        "train", "--resume", run_id, "--output-dir", str(runs), "--quiet",
+        "--set", f"trainer.max_epochs={max_epochs}", cwd=cwd, env=env,
     )

@@ -263,20 +263,13 @@ def test_harmless_extras_are_passed_over_and_named(series, tmp_path, private_tem
 
 HOSTILE_BESIDE_THE_SERIES = {
     "a ../ name": ({"../evil.dcm": b"x"}, f"{NAME} holds an entry named '../evil.dcm' that points outside"),
-    "an absolute name": (
-        {"/etc/evil.dcm": b"x"},
-        f"{NAME} holds an entry named '/etc/evil.dcm' that points outside",
-    ),
+    "an absolute name": ({"/etc/evil.dcm": b"x"}, f"{NAME} holds an entry named '/etc/evil.dcm' that points outside"),
     "a zip bomb": ({"zeros.dcm": bytes(2 * RATIO_FLOOR_BYTES)}, f"{NAME} holds 'zeros.dcm', compressed 1,0"),
 }
 
 
-@pytest.mark.parametrize(
-    ("extra", "expected"), HOSTILE_BESIDE_THE_SERIES.values(), ids=HOSTILE_BESIDE_THE_SERIES
-)
-def test_a_hostile_entry_beside_the_series_is_refused_and_nothing_is_left(
-    series, private_temporary, extra, expected
-):
+@pytest.mark.parametrize(("extra", "expected"), HOSTILE_BESIDE_THE_SERIES.values(), ids=HOSTILE_BESIDE_THE_SERIES)
+def test_a_hostile_entry_beside_the_series_is_refused_and_nothing_is_left(series, private_temporary, extra, expected):
     assert refused_in_private(zipped(series_files(series) | extra), private_temporary).startswith(expected)
 
 
@@ -322,9 +315,7 @@ def described_series(image: sitk.Image, folder: Path, uid: str, description: str
 def test_two_series_are_refused_naming_both_never_mixed(hippocampus_root, tmp_path, private_temporary):
     image = sitk.ReadImage(str(hippocampus_root / "Task04_Hippocampus" / "imagesTr" / f"{CASE}.nii.gz"))
     first = described_series(image, tmp_path / "first", "1.2.826.0.1.3680043.2.1125.5", "T1 axial")
-    second = described_series(
-        image[:, :, :20], tmp_path / "second", "1.2.826.0.1.3680043.2.1125.6", "T1 repeat"
-    )
+    second = described_series(image[:, :, :20], tmp_path / "second", "1.2.826.0.1.3680043.2.1125.6", "T1 repeat")
     message = refused_in_private(zipped(first | second), private_temporary)
     assert message == (
         f"{NAME}/ holds 2 DICOM series, give one per folder: 'T1 axial' 1.2.826.0.1.3680043.2.1125.5 "
@@ -361,11 +352,7 @@ def measured_read(archive: Path, temporary: Path) -> dict:
     environment = os.environ | {"TMPDIR": str(temporary), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-c", MEASURED_READ, str(archive)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=environment,
-        check=True,
+        capture_output=True, text=True, timeout=300, env=environment, check=True,
     )
     measured = json.loads(result.stdout)
     print(
@@ -375,24 +362,17 @@ def measured_read(archive: Path, temporary: Path) -> dict:
     return measured
 
 
-LINUX_MEMORY = pytest.mark.skipif(
-    not Path("/proc/self/status").exists(), reason="peak memory is read from Linux's /proc"
-)
+LINUX_MEMORY = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak memory is read from Linux's /proc")
 
 
 @LINUX_MEMORY
 def test_tens_of_thousands_of_tiny_entries_are_refused_in_bounded_time_and_memory(tmp_path):
     archive = tmp_path / "tiny.zip"
-    archive.write_bytes(
-        zipped({f"tiny/{index:05d}.dcm": b"x" for index in range(30_000)}, zipfile.ZIP_STORED)
-    )
+    archive.write_bytes(zipped({f"tiny/{index:05d}.dcm": b"x" for index in range(30_000)}, zipfile.ZIP_STORED))
     temporary = tmp_path / "temporary"
     temporary.mkdir()
     measured = measured_read(archive, temporary)
-    assert (
-        measured["outcome"]
-        == "tiny.zip holds 30,000 entries, more than the 5,000 allowed; zip one DICOM series."
-    )
+    assert measured["outcome"] == "tiny.zip holds 30,000 entries, more than the 5,000 allowed; zip one DICOM series."
     assert measured["seconds"] < 5 and measured["growth_mib"] < 100
     assert list(temporary.iterdir()) == [] and set(tmp_path.iterdir()) == {archive, temporary}
 
@@ -420,9 +400,7 @@ def test_read_scan_takes_the_path_of_a_zip_as_segment_predict_gives_it(series, t
     np.testing.assert_array_equal(scan.array, read_scan(series).array)
     np.testing.assert_allclose(scan.affine, read_scan(series).affine, atol=1e-6)
     archive.write_bytes(zipped({"../evil.dcm": b"x"}))
-    with pytest.raises(
-        ScanError, match=r"^My Series.zip holds an entry named '../evil.dcm' that points outside"
-    ):
+    with pytest.raises(ScanError, match=r"^My Series.zip holds an entry named '../evil.dcm' that points outside"):
         read_scan(archive)
     assert list(private_temporary.iterdir()) == [] and set(tmp_path.iterdir()) == {archive, private_temporary}
 
@@ -431,9 +409,7 @@ def test_a_zip_file_larger_than_a_series_may_unpack_to_is_refused_unread(tmp_pat
     monkeypatch.setattr(archives, "MAX_UNPACKED_BYTES", 1024**2)
     archive = tmp_path / "large.zip"
     archive.write_bytes(zipped({"a.dcm": np.random.default_rng(0).bytes(2 * 1024**2)}, zipfile.ZIP_STORED))
-    with pytest.raises(
-        ScanError, match=r"^large.zip is 2 MiB, more than the 1 MiB a zipped series may unpack to;"
-    ):
+    with pytest.raises(ScanError, match=r"^large.zip is 2 MiB, more than the 1 MiB a zipped series may unpack to;"):
         read_scan(archive)
 
 

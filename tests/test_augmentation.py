@@ -39,12 +39,7 @@ def test_rotation_and_scaling_move_image_and_label_together(hippocampus_root):
     # voxels of the (bilinearly resampled) image must be the labelled voxels.
     config, case = first_training_case(
         hippocampus_root,
-        [
-            "data.affine_augment_prob=1",
-            "data.rotate_degrees=30",
-            "data.scale_range=[0.7,1.4]",
-            "data.flip_axes=[]",
-        ],
+        ["data.affine_augment_prob=1", "data.rotate_degrees=30", "data.scale_range=[0.7,1.4]", "data.flip_axes=[]"],
     )
     label_as_image = {"image": case["label"], "label": case["label"]}
     plain = validation_transforms(config)(dict(label_as_image))

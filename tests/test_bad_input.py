@@ -374,9 +374,7 @@ def test_evaluate_refuses_the_val_split_of_an_ensemble_whose_members_validated_o
     from segment.models.sources import resolve_model
 
     _, second, third = load_members(resolve_model(MODEL))
-    other_fold = third[1].model_copy(
-        update={"data": third[1].data.model_copy(update={"folds": 5, "fold": 1})}
-    )
+    other_fold = third[1].model_copy(update={"data": third[1].data.model_copy(update={"folds": 5, "fold": 1})})
     save_ensemble([second, (third[0], other_fold)], tmp_path / "folds")
     task = small_task(tmp_path, hippocampus_root)
     monkeypatch.chdir(tmp_path)
@@ -397,9 +395,7 @@ def test_evaluate_refuses_a_task_whose_labels_are_not_the_models(tmp_path, monke
     dataset["labels"]["3"] = "Tail"
     (task / "dataset.json").write_text(json.dumps(dataset))
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(
-        app, ["evaluate", "--model", MODEL, "--data", str(task), "--json", "report.json"]
-    )
+    result = CliRunner().invoke(app, ["evaluate", "--model", MODEL, "--data", str(task), "--json", "report.json"])
     assert result.exit_code == 2
     [line] = error_lines(result)
     assert "predicts labels [0, 1, 2] but" in line and "has labels [0, 1, 2, 3]" in line, line
@@ -409,12 +405,8 @@ def test_evaluate_refuses_a_task_whose_labels_are_not_the_models(tmp_path, monke
 def test_evaluate_and_report_refuse_an_output_that_is_a_folder_before_any_work(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out").mkdir()
-    evaluate = CliRunner().invoke(
-        app, ["evaluate", "--model", MODEL, "--data", str(tmp_path), "--json", "out"]
-    )
-    report = CliRunner().invoke(
-        app, ["report", "--output", "out", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
-    )
+    evaluate = CliRunner().invoke(app, ["evaluate", "--model", MODEL, "--data", str(tmp_path), "--json", "out"])
+    report = CliRunner().invoke(app, ["report", "--output", "out", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
     for result in (evaluate, report):
         assert result.exit_code == 2
         [line] = error_lines(result)
@@ -428,11 +420,7 @@ def test_predict_never_writes_a_mask_over_its_scan(tmp_path, monkeypatch, real):
     scans.mkdir()
     nib.save(real.image, scans / "case.nii.gz")
     original = (scans / "case.nii.gz").read_bytes()
-    for source, output in (
-        ("scans/case.nii.gz", "scans"),
-        ("scans/case.nii.gz", "scans/case.nii.gz"),
-        ("scans", "scans"),
-    ):
+    for source, output in (("scans/case.nii.gz", "scans"), ("scans/case.nii.gz", "scans/case.nii.gz"), ("scans", "scans")):
         result = CliRunner().invoke(app, ["predict", "--model", MODEL, "--input", source, "--output", output])
         assert result.exit_code == 2
         [line] = error_lines(result)

@@ -46,12 +46,7 @@ def test_bad_override_exits_non_zero_with_one_line_and_no_traceback():
 
 def test_one_set_takes_several_overrides_as_documented():
     result = segment(
-        "describe",
-        "--config",
-        "configs/hippocampus_3d.yaml",
-        "--set",
-        "model.base_channels=4",
-        "model.levels=3",
+        "describe", "--config", "configs/hippocampus_3d.yaml", "--set", "model.base_channels=4", "model.levels=3"
     )
     assert result.returncode == 0, result.stderr
     assert "channels per level: [4, 8, 16]" in result.stdout

@@ -85,9 +85,7 @@ def test_a_config_extends_another_keeping_its_own_name_and_merging_section_by_se
     )
     (tmp_path / "nested").mkdir()
     variant = tmp_path / "nested" / "variant.yaml"
-    variant.write_text(
-        "extends: ../base.yaml\nmodel: {levels: 3, skip_dropout: [0.0, 0.2]}\ntrainer: {lr: 0.001}\n"
-    )
+    variant.write_text("extends: ../base.yaml\nmodel: {levels: 3, skip_dropout: [0.0, 0.2]}\ntrainer: {lr: 0.001}\n")
     config = load_config(variant, ["trainer.seed=7"])
     assert config.name == "variant"
     assert (config.model.out_channels, config.model.levels) == (3, 3)
@@ -99,10 +97,7 @@ def test_a_config_extends_another_keeping_its_own_name_and_merging_section_by_se
     ("recipe", "overrides"),
     [
         ("hippocampus_3d_10min", ["trainer.max_minutes=10"]),
-        (
-            "hippocampus_3d_wide",
-            ["trainer.max_minutes=60", "trainer.seed=1", "model.channels=[12,24,48,96,192]"],
-        ),
+        ("hippocampus_3d_wide", ["trainer.max_minutes=60", "trainer.seed=1", "model.channels=[12,24,48,96,192]"]),
     ],
 )
 def test_each_cpu_recipe_is_the_default_with_the_readme_overrides(recipe, overrides):
@@ -118,9 +113,7 @@ def test_a_missing_or_looping_parent_config_is_reported_in_one_sentence(tmp_path
         load_config(orphan)
     (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
-    with pytest.raises(
-        ConfigError, match=r"Configs extend each other in a loop: .*a\.yaml -> .*b\.yaml -> .*a\.yaml\.$"
-    ):
+    with pytest.raises(ConfigError, match=r"Configs extend each other in a loop: .*a\.yaml -> .*b\.yaml -> .*a\.yaml\.$"):
         load_config(tmp_path / "a.yaml")
     listed = tmp_path / "listed.yaml"
     listed.write_text("extends: [a.yaml, b.yaml]\n")

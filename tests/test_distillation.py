@@ -34,9 +34,7 @@ def test_the_distillation_loss_is_zero_on_agreement_and_pulls_the_student_to_the
 
 @pytest.mark.slow
 def test_a_run_starts_from_given_weights_and_learns_from_a_teacher(tmp_path, hippocampus_root):
-    first = train(
-        load_config(CONFIG, tiny_hippocampus_overrides()), **in_test_folder(tmp_path, hippocampus_root)
-    )
+    first = train(load_config(CONFIG, tiny_hippocampus_overrides()), **in_test_folder(tmp_path, hippocampus_root))
     # Two runs from the first run's weights, alike but for the teacher (a bundled network,
     # which predicts differently from a one-epoch one), same seed, same batches.
     teacher_dir = resolve_model("hippocampus_3d") / "member_3"

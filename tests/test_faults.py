@@ -119,30 +119,16 @@ def test_a_missing_mlflow_artifact_is_reported_in_one_sentence(tmp_path, env, ki
     mask = tmp_path / "mask.nii.gz"
 
     missing_path = segment(
-        "predict",
-        "--model",
-        f"runs:/{run_id}/no_such_model",
-        "--input",
-        scan,
-        "--output",
-        str(mask),
-        cwd=tmp_path,
-        env=env,
+        "predict", "--model", f"runs:/{run_id}/no_such_model", "--input", scan, "--output", str(mask),
+        cwd=tmp_path, env=env,
     )
     assert "runs:/" in one_sentence_error(missing_path)
 
     # The registered model's files deleted from the artifact store behind MLflow's back.
     shutil.rmtree(tmp_path / "mlruns")
     deleted = segment(
-        "predict",
-        "--model",
-        "models:/hippocampus_3d@best",
-        "--input",
-        scan,
-        "--output",
-        str(mask),
-        cwd=tmp_path,
-        env=env,
+        "predict", "--model", "models:/hippocampus_3d@best", "--input", scan, "--output", str(mask),
+        cwd=tmp_path, env=env,
     )
     assert "models:/hippocampus_3d@best" in one_sentence_error(deleted)
     assert not mask.exists()
@@ -158,21 +144,12 @@ def read_only_folder(tmp_path) -> Path:
 
 
 @pytest.mark.slow
-def test_an_unwritable_mask_destination_is_refused_before_any_work(
-    tmp_path, read_only_folder, hippocampus_root
-):
+def test_an_unwritable_mask_destination_is_refused_before_any_work(tmp_path, read_only_folder, hippocampus_root):
     scan = str(hippocampus_root / "Task04_Hippocampus" / "imagesTr" / "hippocampus_001.nii.gz")
     # The model does not exist: the destination must be refused before the model is even looked up.
     result = segment(
-        "predict",
-        "--model",
-        "no_such_model",
-        "--input",
-        scan,
-        "--output",
-        str(read_only_folder / "m.nii.gz"),
-        cwd=tmp_path,
-        env=dict(os.environ),
+        "predict", "--model", "no_such_model", "--input", scan, "--output", str(read_only_folder / "m.nii.gz"),
+        cwd=tmp_path, env=dict(os.environ),
     )
     message = one_sentence_error(result)
     assert "read-only" in message and "no_such_model" not in message
@@ -182,15 +159,8 @@ def test_an_unwritable_mask_destination_is_refused_before_any_work(
 @pytest.mark.slow
 def test_an_unwritable_checkpoint_folder_is_refused_before_training(tmp_path, env, read_only_folder):
     result = segment(
-        "train",
-        "--config",
-        CONFIG,
-        "--output-dir",
-        str(read_only_folder / "runs"),
-        "--quiet",
-        *set_args(tiny_hippocampus_overrides()),
-        cwd=tmp_path,
-        env=env,
+        "train", "--config", CONFIG, "--output-dir", str(read_only_folder / "runs"), "--quiet",
+        *set_args(tiny_hippocampus_overrides()), cwd=tmp_path, env=env,
     )
     assert "read-only" in one_sentence_error(result)
     assert not (tmp_path / "mlflow.db").exists(), "a run was started"

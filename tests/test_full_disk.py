@@ -50,12 +50,7 @@ def run_with_file_limit(limit: int, *args: str, cwd: Path, env: dict) -> subproc
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     return subprocess.run(
-        segment_command(*args),
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        segment_command(*args), cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
         preexec_fn=limit_file_size,
     )
 
@@ -74,15 +69,8 @@ def trained(tmp_path_factory, hippocampus_root) -> Path:
     """A folder holding a real one-epoch training of the wide set-up: ``mlflow.db`` and ``runs``."""
     folder = tmp_path_factory.mktemp("trained")
     result = segment(
-        "train",
-        "--config",
-        CONFIG,
-        "--output-dir",
-        "runs",
-        "--quiet",
-        *set_args([*tiny_hippocampus_overrides(epochs=1), WIDE]),
-        cwd=folder,
-        env=store_env(folder, hippocampus_root),
+        "train", "--config", CONFIG, "--output-dir", "runs", "--quiet",
+        *set_args([*tiny_hippocampus_overrides(epochs=1), WIDE]), cwd=folder, env=store_env(folder, hippocampus_root),
     )
     assert result.returncode == 0, result.stderr[-2000:]
     return folder
@@ -104,16 +92,7 @@ def copied_run(trained, tmp_path, hippocampus_root) -> tuple[Path, Path, dict]:
 
 
 def resume(run_dir: Path, epochs: int) -> list[str]:
-    return [
-        "train",
-        "--resume",
-        run_dir.name,
-        "--output-dir",
-        "runs",
-        "--quiet",
-        "--set",
-        f"trainer.max_epochs={epochs}",
-    ]
+    return ["train", "--resume", run_dir.name, "--output-dir", "runs", "--quiet", "--set", f"trainer.max_epochs={epochs}"]
 
 
 @pytest.mark.slow
@@ -186,18 +165,8 @@ def test_a_full_disk_while_a_prediction_is_written_keeps_the_previous_file(
     before = digests(out)
 
     result = run_with_file_limit(
-        limit,
-        "predict",
-        "--model",
-        str(run_dir / "best"),
-        "--input",
-        str(scan),
-        "--output",
-        str(mask),
-        "--probabilities",
-        str(probabilities),
-        cwd=tmp_path,
-        env=dict(os.environ),
+        limit, "predict", "--model", str(run_dir / "best"), "--input", str(scan), "--output", str(mask),
+        "--probabilities", str(probabilities), cwd=tmp_path, env=dict(os.environ),
     )
     assert result.returncode == 2
     assert one_sentence_error(result) == (

@@ -49,9 +49,7 @@ def test_the_onnx_graph_matches_pytorch_for_two_skip_masks_at_any_size(onnx_file
     assert [i.name for i in session.get_inputs()] == ["image", "skip_mask"]
     for shape, mask in CHECKS:
         volume, expected = expected_logits(ensemble, shape, mask)
-        (logits,) = session.run(
-            None, {"image": volume.numpy(), "skip_mask": np.array(mask, dtype=np.float32)}
-        )
+        (logits,) = session.run(None, {"image": volume.numpy(), "skip_mask": np.array(mask, dtype=np.float32)})
         np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4, rtol=1e-4)
 
 
@@ -80,11 +78,7 @@ def test_an_unknown_format_and_float16_graphs_are_refused_in_one_sentence(tmp_pa
     runner = CliRunner()
     unknown = runner.invoke(app, ["export", MODEL, "--format", "tflite", "--output", str(tmp_path / "m")])
     assert unknown.exit_code == 2
-    assert (
-        unknown.output.strip().splitlines()[-1] == "Error: --format tflite: use folder, onnx or torchscript."
-    )
-    half = runner.invoke(
-        app, ["export", MODEL, "--format", "onnx", "--float16", "--output", str(tmp_path / "m.onnx")]
-    )
+    assert unknown.output.strip().splitlines()[-1] == "Error: --format tflite: use folder, onnx or torchscript."
+    half = runner.invoke(app, ["export", MODEL, "--format", "onnx", "--float16", "--output", str(tmp_path / "m.onnx")])
     assert half.exit_code == 2 and "exported in float32" in half.output
     assert not any(tmp_path.iterdir())

@@ -65,9 +65,7 @@ def test_every_decathlon_task_is_planned_from_its_own_data(stand_ins, task):
     size = config.data.patch_size or np.median(
         [case.shape for case in fingerprint(stand_ins / task, progress=False).cases], axis=0
     )
-    assert (coarsest(size, pooling) >= MIN_COARSEST - 1).all() and config.model.levels <= BUDGETS[
-        "cpu"
-    ].max_levels
+    assert (coarsest(size, pooling) >= MIN_COARSEST - 1).all() and config.model.levels <= BUDGETS["cpu"].max_levels
     assert config.data.flip_axes == (() if task == "Task02_Heart" else (0,)), "no mirroring of a left atrium"
     assert config.model.spatial_dims == 3
 

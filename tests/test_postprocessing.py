@@ -47,11 +47,7 @@ def test_min_size_is_a_volume_in_the_scans_units():
 
 def test_the_variants_an_evaluation_compares():
     both = PostProcessing(keep_largest=True, min_size=5.0)
-    assert [v.describe() for v in both.variants()] == [
-        "keep largest",
-        "min size 5 mm³",
-        "keep largest, min size 5 mm³",
-    ]
+    assert [v.describe() for v in both.variants()] == ["keep largest", "min size 5 mm³", "keep largest, min size 5 mm³"]
     assert PostProcessing(keep_largest=True).variants() == [PostProcessing(keep_largest=True)]
     with pytest.raises(InputError, match="positive volume"):
         PostProcessing(min_size=0)
@@ -60,21 +56,9 @@ def test_the_variants_an_evaluation_compares():
 def test_predict_keeps_the_largest_component_of_each_label_of_a_real_scan(tmp_path, hippocampus_root):
     scan = hippocampus_root / "Task04_Hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
     runner = CliRunner()
-    raw = runner.invoke(
-        app, ["predict", "--model", MODEL, "-i", str(scan), "-o", str(tmp_path / "raw.nii.gz")]
-    )
+    raw = runner.invoke(app, ["predict", "--model", MODEL, "-i", str(scan), "-o", str(tmp_path / "raw.nii.gz")])
     cleaned = runner.invoke(
-        app,
-        [
-            "predict",
-            "--model",
-            MODEL,
-            "-i",
-            str(scan),
-            "-o",
-            str(tmp_path / "clean.nii.gz"),
-            "--keep-largest",
-        ],
+        app, ["predict", "--model", MODEL, "-i", str(scan), "-o", str(tmp_path / "clean.nii.gz"), "--keep-largest"]
     )
     assert raw.exit_code == 0 and cleaned.exit_code == 0, cleaned.output
     raw_mask = np.asarray(nib.load(tmp_path / "raw.nii.gz").dataobj)
@@ -90,18 +74,11 @@ def test_evaluate_scores_each_step_beside_the_raw_masks(tmp_path, hippocampus_ro
     task = hippocampus_root / "Task04_Hippocampus"
     report_path = tmp_path / "report.json"
     command = ["evaluate", "--model", MODEL, "--data", str(task), "--max-cases", "3"]
-    result = CliRunner().invoke(
-        app, [*command, "--keep-largest", "--min-size", "20", "--json", str(report_path)]
-    )
+    result = CliRunner().invoke(app, [*command, "--keep-largest", "--min-size", "20", "--json", str(report_path)])
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
     rows = report["postprocessing"]
-    assert [row["steps"] for row in rows] == [
-        "none",
-        "keep largest",
-        "min size 20 mm³",
-        "keep largest, min size 20 mm³",
-    ]
+    assert [row["steps"] for row in rows] == ["none", "keep largest", "min size 20 mm³", "keep largest, min size 20 mm³"]
     assert rows[0]["mean_dice"] == pytest.approx(report["mean_dice"])
     assert all(0 < row["mean_dice"] <= 1 for row in rows)
     assert "post-processing keep largest: mean Dice" in result.output
@@ -109,8 +86,7 @@ def test_evaluate_scores_each_step_beside_the_raw_masks(tmp_path, hippocampus_ro
 
 def test_a_min_size_that_is_not_positive_is_refused_in_one_sentence(tmp_path: Path):
     result = CliRunner().invoke(
-        app,
-        ["predict", "--model", MODEL, "-i", str(tmp_path), "-o", str(tmp_path / "out"), "--min-size", "-3"],
+        app, ["predict", "--model", MODEL, "-i", str(tmp_path), "-o", str(tmp_path / "out"), "--min-size", "-3"]
     )
     assert result.exit_code == 2
     assert result.output.strip().splitlines()[-1].startswith("Error: --min-size -3.0: give a positive volume")

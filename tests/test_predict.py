@@ -304,9 +304,7 @@ def test_segment_ensemble_joins_models_into_one_that_predicts(tmp_path, monkeypa
 
 
 @pytest.mark.slow
-def test_segment_export_writes_a_standalone_copy_that_predicts_the_same_mask(
-    tmp_path, monkeypatch, case_paths
-):
+def test_segment_export_writes_a_standalone_copy_that_predicts_the_same_mask(tmp_path, monkeypatch, case_paths):
     member = str(resolve_model("hippocampus_3d") / "member_3")
     exported = run_segment("export", member, "--float16", "--output", "copy", cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
@@ -339,12 +337,7 @@ def test_the_ablation_never_switches_on_a_skip_the_model_was_built_without():
         (0, 0, 0, 0),
     ]
     assert ablation_masks((False, False)) == [(0, 0)]
-    assert ablation_masks((True, False, True), full_sweep=True) == [
-        (1, 0, 1),
-        (1, 0, 0),
-        (0, 0, 1),
-        (0, 0, 0),
-    ]
+    assert ablation_masks((True, False, True), full_sweep=True) == [(1, 0, 1), (1, 0, 0), (0, 0, 1), (0, 0, 0)]
 
 
 @pytest.mark.slow

@@ -53,9 +53,7 @@ def test_a_model_folder_whose_weights_are_a_pickle_is_refused_and_the_code_never
 
 def test_no_source_file_unpickles():
     """Every load in the code base is safetensors or ``torch.load(weights_only=True)``."""
-    unsafe = re.compile(
-        r"\bpickle\.loads?\(|\bjoblib\.load\(|mlflow\.pytorch\.load_model|torch\.load\((?![^)]*weights_only=True)"
-    )
+    unsafe = re.compile(r"\bpickle\.loads?\(|\bjoblib\.load\(|mlflow\.pytorch\.load_model|torch\.load\((?![^)]*weights_only=True)")
     offenders = [
         f"{path.relative_to(ROOT)}:{number}"
         for folder in ("segment", "app", "data_scripts")
@@ -70,9 +68,7 @@ def listening_addresses(port: int, timeout: float = 120) -> set[str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = {
-            c.laddr.ip
-            for c in psutil.net_connections("inet")
-            if c.status == "LISTEN" and c.laddr.port == port
+            c.laddr.ip for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.laddr.port == port
         }
         if found:
             return found
@@ -102,13 +98,7 @@ def test_the_viewer_server_listens_on_localhost_only(tmp_path):
 def test_the_mlflow_ui_listens_on_localhost_only(tmp_path):
     port = free_port()
     server = subprocess.Popen(
-        [
-            "make",
-            "--no-print-directory",
-            "mlflow-ui",
-            f"MLFLOW_PORT={port}",
-            f"TRACKING_URI=sqlite:///{tmp_path / 'm.db'}",
-        ],
+        ["make", "--no-print-directory", "mlflow-ui", f"MLFLOW_PORT={port}", f"TRACKING_URI=sqlite:///{tmp_path / 'm.db'}"],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -130,6 +120,4 @@ def test_segment_app_serves_with_the_projects_streamlit_settings_from_any_folder
     assert flags["--server.maxUploadSize"] == "500" and flags["--server.address"] == "127.0.0.1"
     for section, values in settings.items():
         for key, value in values.items():
-            assert flags[f"--{section}.{key}"] == (
-                str(value).lower() if isinstance(value, bool) else str(value)
-            )
+            assert flags[f"--{section}.{key}"] == (str(value).lower() if isinstance(value, bool) else str(value))

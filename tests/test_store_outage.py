@@ -81,12 +81,8 @@ def test_a_sqlite_store_locked_mid_run_gets_every_epoch_once_it_is_free(tmp_path
     assert training.returncode == 0, stderr[-2000:]
     assert "Traceback" not in stderr
     lines = stderr.splitlines()
-    assert any(
-        line.startswith("Warning: the MLflow store") and "(database is locked)" in line for line in lines
-    ), stderr
-    assert any(line.startswith("The MLflow store answers again: the metrics of epoch") for line in lines), (
-        stderr
-    )
+    assert any(line.startswith("Warning: the MLflow store") and "(database is locked)" in line for line in lines), stderr
+    assert any(line.startswith("The MLflow store answers again: the metrics of epoch") for line in lines), stderr
     assert f"Finished run {run_id}" in stdout
     assert logged_epochs(env["MLFLOW_TRACKING_URI"], run_id) == list(range(1, EPOCHS + 1))
     client = store_client(env["MLFLOW_TRACKING_URI"])
@@ -102,9 +98,7 @@ def test_a_run_stopped_while_the_store_is_locked_logs_the_held_epochs_when_resum
     env |= {"MLFLOW_TRACKING_URI": uri}
     runs = tmp_path / "runs"
     # Far more epochs than run before the stop: the run is stopped mid-way, whatever the machine.
-    training = start_tiny_training(
-        tmp_path, env, runs, 200, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    training = start_tiny_training(tmp_path, env, runs, 200, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(training.stderr), daemon=True)
     reader.start()
@@ -148,18 +142,10 @@ class TrackingServer:
 
     def start(self) -> None:
         command = [
-            str(Path(sys.executable).with_name("mlflow")),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{self._folder / 'server.db'}",
-            "--artifacts-destination",
-            str(self._folder / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            self.uri.rsplit(":", 1)[1],
-            "--workers",
-            "1",
+            str(Path(sys.executable).with_name("mlflow")), "server",
+            "--backend-store-uri", f"sqlite:///{self._folder / 'server.db'}",
+            "--artifacts-destination", str(self._folder / "artifacts"),
+            "--host", "127.0.0.1", "--port", self.uri.rsplit(":", 1)[1], "--workers", "1",
         ]
         # A session of its own, so that stopping it stops its workers too.
         self._process = subprocess.Popen(
@@ -195,9 +181,7 @@ def server(tmp_path) -> Iterator[TrackingServer]:
 
 @pytest.mark.slow
 @pytest.mark.faults
-def test_a_tracking_server_stopped_mid_run_costs_no_epoch_and_is_reported_in_one_sentence(
-    tmp_path, env, server
-):
+def test_a_tracking_server_stopped_mid_run_costs_no_epoch_and_is_reported_in_one_sentence(tmp_path, env, server):
     env |= {"MLFLOW_TRACKING_URI": server.uri}
     runs = tmp_path / "runs"
     training = start_tiny_training(
@@ -239,7 +223,5 @@ def test_a_tracking_server_stopped_mid_run_costs_no_epoch_and_is_reported_in_one
     client = store_client(server.uri)
     assert client.get_run(run_id).info.status == "FINISHED"
     assert [version.run_id for version in client.search_model_versions("name='hippocampus_3d'")] == [run_id]
-    assert logged_epochs(server.uri, run_id) == list(range(1, EPOCHS + 1)), (
-        "the held epochs were not logged once"
-    )
+    assert logged_epochs(server.uri, run_id) == list(range(1, EPOCHS + 1)), "the held epochs were not logged once"
     assert not (run_dir / UNLOGGED_FILE).exists()

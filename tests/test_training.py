@@ -108,12 +108,8 @@ def test_a_short_run_is_fully_tracked_and_its_model_registered(tmp_path, hippoca
 def test_runs_tell_apart_in_the_mlflow_ui_by_name_dataset_and_kind(tmp_path, hippocampus_root):
     overrides = tiny_hippocampus_overrides()
     result = workflows.train(
-        CONFIG,
-        overrides,
-        data_root=hippocampus_root,
-        tracking_uri=store(tmp_path),
-        output_dir=tmp_path / "runs",
-        progress=False,
+        CONFIG, overrides, data_root=hippocampus_root, tracking_uri=store(tmp_path),
+        output_dir=tmp_path / "runs", progress=False,
     )
     client = store_client(store(tmp_path))
     run = client.get_run(result.run_id)
@@ -175,15 +171,8 @@ def test_runs_lists_every_run_and_averages_each_cross_validation_over_its_folds(
     each recipe's folds are averaged apart, named by the setting that tells them apart."""
     results = {}
     for fold, seed in ((0, 0), (1, 0), (0, 1)):
-        overrides = [
-            *tiny_hippocampus_overrides(),
-            "data.folds=2",
-            f"data.fold={fold}",
-            f"trainer.seed={seed}",
-        ]
-        results[fold, seed] = train(
-            load_config(CONFIG, overrides), **in_test_folder(tmp_path, hippocampus_root)
-        )
+        overrides = [*tiny_hippocampus_overrides(), "data.folds=2", f"data.fold={fold}", f"trainer.seed={seed}"]
+        results[fold, seed] = train(load_config(CONFIG, overrides), **in_test_folder(tmp_path, hippocampus_root))
 
     listing = CliRunner().invoke(app, ["runs", "--tracking-uri", store(tmp_path)])
     assert listing.exit_code == 0, listing.output
@@ -343,13 +332,7 @@ def test_two_gloo_processes_train_one_run_and_log_once(tmp_path, hippocampus_roo
 def test_missing_data_gives_one_clear_sentence(tmp_path):
     # An unknown task cannot be downloaded, so this needs no network on any machine.
     result = run_segment(
-        "train",
-        "--config",
-        CONFIG,
-        "--data-root",
-        str(tmp_path),
-        "--set",
-        "data.task=Task90_ISBI2012",
+        "train", "--config", CONFIG, "--data-root", str(tmp_path), "--set", "data.task=Task90_ISBI2012",
         cwd=tmp_path,
         env=os.environ | {"MLFLOW_TRACKING_URI": store(tmp_path)},
     )

@@ -69,13 +69,7 @@ class SkipExplorer:
         key = self.model.resolve_skip_mask(skip_mask)
         if key not in self._uncertainty:
             found = estimate(
-                self.model,
-                self.prepared.volume,
-                self.runtime,
-                self.config,
-                key,
-                samples,
-                cache=self._features,
+                self.model, self.prepared.volume, self.runtime, self.config, key, samples, cache=self._features
             )
             entropy = self.prepared.restore_maps(found.entropy)[..., 0]
             self._uncertainty[key] = UncertaintyMap(np.clip(entropy, 0.0, 1.0), found.source)

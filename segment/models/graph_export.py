@@ -76,9 +76,7 @@ def export_graph(model: UNet | UNetEnsemble, config: ExperimentConfig, format: s
     else:
         with torch.no_grad():
             traced = torch.jit.trace(graph, example)
-        write_atomically(
-            output, lambda temporary: traced.save(str(temporary), _extra_files={"config.yaml": recipe})
-        )
+        write_atomically(output, lambda temporary: traced.save(str(temporary), _extra_files={"config.yaml": recipe}))
     return output
 
 

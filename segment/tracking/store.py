@@ -196,9 +196,7 @@ def _experiment_id(client: MlflowClient, task: str) -> str:
     experiment = client.get_experiment_by_name(task)
     if experiment is None:
         try:
-            return client.create_experiment(
-                task, artifact_location=_artifact_root(task), tags=EXPERIMENT_KIND
-            )
+            return client.create_experiment(task, artifact_location=_artifact_root(task), tags=EXPERIMENT_KIND)
         except MlflowException:
             # Another process created it between the lookup and the creation.
             experiment = client.get_experiment_by_name(task)

@@ -87,8 +87,5 @@ def train_step(setup: TrainingSetup, batch: dict, lr: float) -> StepResult:
     if finite and setup.averaged is not None:
         setup.averaged.update_parameters(setup.model)
     return StepResult(
-        loss=loss.item(),
-        finite=finite,
-        samples=image.shape[0],
-        level_gradient_norms=level_norms if finite else (),
+        loss=loss.item(), finite=finite, samples=image.shape[0], level_gradient_norms=level_norms if finite else ()
     )

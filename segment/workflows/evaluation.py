@@ -120,8 +120,7 @@ def _report(model: str, split: str, scored: ScoredCases, ablated: bool) -> Evalu
     first = rows[0]
     unit = baseline[0].unit
     cleaned = [
-        PostProcessingRow(steps.describe(unit), *_means(cases))
-        for steps, cases in scored.by_postprocessing.items()
+        PostProcessingRow(steps.describe(unit), *_means(cases)) for steps, cases in scored.by_postprocessing.items()
     ]
     return EvaluationReport(
         model=model,
@@ -135,9 +134,7 @@ def _report(model: str, split: str, scored: ScoredCases, ablated: bool) -> Evalu
         nsd_tolerance=baseline[0].nsd_tolerance,
         volume=mean_scores(baseline, "volume"),
         volume_unit=baseline[0].volume_unit,
-        per_case=[
-            {metric: getattr(case, metric) for metric in ("case", *CaseScores.METRICS)} for case in baseline
-        ],
+        per_case=[{metric: getattr(case, metric) for metric in ("case", *CaseScores.METRICS)} for case in baseline],
         ablation=rows if ablated else [],
         postprocessing=[PostProcessingRow("none", *_means(baseline)), *cleaned] if cleaned else [],
     )
@@ -185,15 +182,7 @@ def _score(
     masks = ablation_masks(built, full_sweep) if full_sweep is not None else [tuple(int(on) for on in built)]
     variants = postprocessing.variants() if postprocessing is not None else []
     scored = score_cases(
-        loaded.network,
-        config,
-        cases,
-        loaded.runtime,
-        task.label_names,
-        masks,
-        progress,
-        nsd_tolerance,
-        variants,
+        loaded.network, config, cases, loaded.runtime, task.label_names, masks, progress, nsd_tolerance, variants
     )
     report = _report(model, split, scored, ablated=full_sweep is not None)
     return _log(report, tracking_uri)
@@ -228,10 +217,9 @@ def evaluate(model: str, data: str | Path, split: str = "all", **options) -> Eva
     return _score(model, data, split, None, **options)
 
 
-def ablate(
-    model: str, data: str | Path, split: str = "all", *, full_sweep: bool = False, **options
-) -> EvaluationReport:
+def ablate(model: str, data: str | Path, split: str = "all", *, full_sweep: bool = False, **options) -> EvaluationReport:
     """:func:`evaluate` (``options`` as there), then the same with each long skip switched off
     alone and all off (``full_sweep``: every combination). A skip the model was built without
     stays off in every mask, so the first row, the headline, is always the model as trained."""
     return _score(model, data, split, full_sweep, **options)
+

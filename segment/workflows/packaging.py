@@ -15,9 +15,7 @@ from segment.models.graph_export import FORMATS, export_graph
 from segment.models.sources import resolve_model
 
 
-def ensemble(
-    models: list[str], output: str | Path, *, float16: bool = False, tracking_uri: str | None = None
-) -> Path:
+def ensemble(models: list[str], output: str | Path, *, float16: bool = False, tracking_uri: str | None = None) -> Path:
     """Join two or more trained models of one task (bundled names, MLflow URIs or folders)
     into an ensemble folder: it predicts the mean of their softmax outputs, and a skip mask
     switches the same skips off in every member. ``float16`` halves the weights' size."""

@@ -47,9 +47,7 @@ class PredictedMask:
 class PredictionResult:
     model: str
     masks: list[PredictedMask]
-    skipped: list[str] = field(
-        default_factory=list
-    )  # one sentence per scan of a folder that could not be used
+    skipped: list[str] = field(default_factory=list)  # one sentence per scan of a folder that could not be used
 
 
 def _targets(input: Path, output: Path) -> list[tuple[Path, Path]]:
@@ -80,9 +78,7 @@ def _targets(input: Path, output: Path) -> list[tuple[Path, Path]]:
             raise InputError(f"{output.name}: the mask needs a scan suffix ({suffixes}).")
         targets = [(input, output)]
     if any(target.resolve() == source.resolve() for source, target in targets):
-        raise InputError(
-            "The masks would overwrite the scans they come from; give another output so the scans are kept."
-        )
+        raise InputError("The masks would overwrite the scans they come from; give another output so the scans are kept.")
     require_writable(targets[0][1].parent, "masks")
     return targets
 
@@ -215,7 +211,9 @@ def predict(
             continue
         voxels = {name: int((labels == value).sum()) for value, name in label_names.items() if value > 0}
         masks.append(
-            PredictedMask(source, target, voxels, list(scan.warnings), maps, found.source if maps else None)
+            PredictedMask(
+                source, target, voxels, list(scan.warnings), maps, found.source if maps else None
+            )
         )
     return PredictionResult(model, masks, skipped)
 
