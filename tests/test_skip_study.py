@@ -160,6 +160,12 @@ def test_the_study_resumes_after_a_stop_and_reports_with_intervals(tmp_path, hip
         )
     }
     assert len(before) == 1
+    progress = subprocess.run(
+        [*command, "--progress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert progress.stdout.startswith("1 of 10 study runs trained"), progress.stderr[-2000:]
+    assert "CPU hours to go, at the finished runs' mean" in progress.stdout
+    assert "  hippocampus_3d: 1 of 10" in progress.stdout
 
     finished = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert finished.returncode == 0, finished.stderr[-3000:]

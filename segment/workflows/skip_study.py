@@ -25,12 +25,19 @@ class StudyProgress:
     trained: list[StudyRun]
     analysed: int
     cpu_seconds: float  # training and analysis, over every stored study run, finished or not
+    seconds_per_run: float | None  # the finished runs' mean training and analysis CPU time
 
     def to_text(self) -> str:
         lines = [
             f"{len(self.trained)} of {len(self.runs)} study runs trained, {self.analysed} analysed; "
             f"{self.cpu_seconds / 3600:.1f} CPU hours spent."
         ]
+        left = len(self.runs) - len(self.trained)
+        if left and self.seconds_per_run:
+            lines.append(
+                f"About {left * self.seconds_per_run / 3600:.1f} CPU hours to go, at the finished runs' "
+                f"mean of {self.seconds_per_run / 60:.0f} CPU minutes each."
+            )
         by_setting: dict[str, list[int]] = {}
         for run in self.runs:
             counts = by_setting.setdefault(run.setting.name, [0, 0])
@@ -58,7 +65,9 @@ def study_progress(
     finished = [(run, found) for run in runs if (found := finished_run(stored, run)) is not None]
     analysed = sum(has_analysis(found.run_id) for _, found in finished)
     cpu = sum(r.cpu_seconds + r.analysis_cpu_seconds for versions in stored.values() for r in versions)
-    return StudyProgress(runs, [run for run, _ in finished], analysed, cpu)
+    per_run = [found.cpu_seconds + found.analysis_cpu_seconds for _, found in finished]
+    mean = sum(per_run) / len(per_run) if per_run else None
+    return StudyProgress(runs, [run for run, _ in finished], analysed, cpu, mean)
 
 
 def run_study(
