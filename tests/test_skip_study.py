@@ -88,6 +88,8 @@ def test_intervals_and_paired_differences():
     assert seed_interval([0.8, 0.8, 0.8]).low == pytest.approx(0.8)
     wide = seed_interval([0.70, 0.80, 0.90])
     assert wide.low < 0.7 and wide.high > 0.9  # three seeds: a t interval wider than the range
+    dice = seed_interval([0.2, 0.9], (0.0, 1.0))  # two seeds far apart: cut where Dice ends
+    assert (dice.low, dice.high) == (0.0, 1.0) and dice.mean == pytest.approx(0.55)
     generator = np.random.default_rng(0)
     shifted = paired_difference(generator.normal(0.02, 0.01, size=(3, 40)))
     assert shifted.real and shifted.low > 0 and shifted.p_value < 0.001

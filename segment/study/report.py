@@ -4,6 +4,7 @@ is called real only when the interval excludes zero."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from segment import plots
@@ -22,6 +23,7 @@ from segment.study.settings import NO_SKIP_DROPOUT, WITH_SKIP_DROPOUT, WITHOUT_L
 from segment.study.statistics import Difference, Interval, seed_interval
 
 FIGURES = "figures"
+NON_NEGATIVE = (0.0, math.inf)  # gradient norms and their ratios
 
 
 def _scale(scales: list[int]) -> str:
@@ -211,7 +213,8 @@ class SettingReport:
             if runs:
                 levels = len(runs[0].gradient_norms)
                 curves[variant_name(variant, self.analysis)] = [
-                    seed_interval([run.gradient_norms[level] for run in runs]) for level in range(levels)
+                    seed_interval([run.gradient_norms[level] for run in runs], NON_NEGATIVE)
+                    for level in range(levels)
                 ]
         rows = [
             [name, *(i.text(4) for i in intervals), f"{intervals[0].mean / intervals[-1].mean:.0f}"]
@@ -359,11 +362,11 @@ def gradient_summary(all_results: list[SettingResults]) -> list[str]:
             [
                 results.setting.title,
                 str(len(pairs)),
-                seed_interval([finest(a) for a, _ in pairs]).text(4),
-                seed_interval([finest(b) for _, b in pairs]).text(4),
-                _ratio_cell(seed_interval([finest(a) / finest(b) for a, b in pairs])),
-                seed_interval([finest_over_deepest(a) for a, _ in pairs]).text(1),
-                seed_interval([finest_over_deepest(b) for _, b in pairs]).text(1),
+                seed_interval([finest(a) for a, _ in pairs], NON_NEGATIVE).text(4),
+                seed_interval([finest(b) for _, b in pairs], NON_NEGATIVE).text(4),
+                _ratio_cell(seed_interval([finest(a) / finest(b) for a, b in pairs], NON_NEGATIVE)),
+                seed_interval([finest_over_deepest(a) for a, _ in pairs], NON_NEGATIVE).text(1),
+                seed_interval([finest_over_deepest(b) for _, b in pairs], NON_NEGATIVE).text(1),
             ]
         )
     if not rows:

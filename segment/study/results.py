@@ -61,8 +61,9 @@ def _values(cases: list[dict], measure: str) -> np.ndarray:
 
 
 def interval(runs: list[AnalysedRun], measure: str, mask: str | None = None) -> Interval:
-    """``measure``'s mean over cases per seed, then its interval over seeds."""
-    return seed_interval([float(_values(run.cases(mask), measure).mean()) for run in runs])
+    """``measure``'s mean over cases per seed, then its interval over seeds (every score lies
+    in [0, 1])."""
+    return seed_interval([float(_values(run.cases(mask), measure).mean()) for run in runs], (0.0, 1.0))
 
 
 def _paired(a_runs: list[AnalysedRun], b_runs: list[AnalysedRun], measure: str, a_mask, b_mask, column=None):
@@ -93,7 +94,8 @@ def switched_off(
 def added_profile(results: SettingResults, mask: str, measure: str, summarise) -> Interval | None:
     """A vector measure's (``error_distance``, ``band_energy``) change under ``mask``, per seed:
     the mean over cases of the bands' increases (a band that lost errors counts zero), reduced
-    to one number by ``summarise`` and given an interval over the seeds."""
+    to one number by ``summarise`` and given an interval over the seeds. ``summarise`` is a
+    weighted mean over the bands, so its bounds are its values on a single band."""
     base = results.base
     if not base:
         return None
@@ -105,7 +107,10 @@ def added_profile(results: SettingResults, mask: str, measure: str, summarise) -
         )
         if added.sum() > 0:
             values.append(summarise(added))
-    return seed_interval(values) if values else None
+    if not values:
+        return None
+    single_bands = [summarise(band) for band in np.eye(len(added))]
+    return seed_interval(values, (min(single_bands), max(single_bands)))
 
 
 def near_share(added: np.ndarray) -> float:

@@ -53,14 +53,15 @@ class Difference:
         return f"{self.mean:+.{digits}f} {interval}"
 
 
-def seed_interval(per_seed: Sequence[float]) -> Interval:
-    """Mean of the seeds' figures with its 95 % t interval."""
+def seed_interval(per_seed: Sequence[float], bounds: tuple[float, float] = (-math.inf, math.inf)) -> Interval:
+    """Mean of the seeds' figures with its 95 % t interval. Over a few seeds a t interval can
+    pass a bound the figure cannot (a Dice above 1, a negative norm): it is cut at ``bounds``."""
     values = np.asarray(per_seed, dtype=float)
     mean = float(values.mean())
     if len(values) < 2:
         return Interval(mean, math.nan, math.nan, len(values))
     half = stats.t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
-    return Interval(mean, mean - half, mean + half, len(values))
+    return Interval(mean, max(mean - half, bounds[0]), min(mean + half, bounds[1]), len(values))
 
 
 def paired_difference(differences: np.ndarray, seed: int = 0) -> Difference:
