@@ -24,7 +24,7 @@ from segment.study.settings import (
     study_runs,
     variant_skips,
 )
-from segment.study.statistics import paired_difference, seed_interval
+from segment.study.statistics import geometric_interval, paired_difference, seed_interval
 
 
 def cube(size: int = 32, low: int = 8, high: int = 24) -> np.ndarray:
@@ -90,6 +90,8 @@ def test_intervals_and_paired_differences():
     assert wide.low < 0.7 and wide.high > 0.9  # three seeds: a t interval wider than the range
     dice = seed_interval([0.2, 0.9], (0.0, 1.0))  # two seeds far apart: cut where Dice ends
     assert (dice.low, dice.high) == (0.0, 1.0) and dice.mean == pytest.approx(0.55)
+    norms = geometric_interval([0.001, 0.1, 0.01])  # decades apart: the log scale keeps it above zero
+    assert norms.mean == pytest.approx(0.01) and 0 < norms.low < 0.001 and norms.high > 0.1
     generator = np.random.default_rng(0)
     shifted = paired_difference(generator.normal(0.02, 0.01, size=(3, 40)))
     assert shifted.real and shifted.low > 0 and shifted.p_value < 0.001

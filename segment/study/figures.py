@@ -85,7 +85,7 @@ def gradient_flow(title: str, curves: dict[str, list[Interval]]) -> plt.Figure:
         highs = np.array([i.high if i.seeds >= 2 else i.mean for i in intervals])
         colour = plots.LABEL_COLOURS[index % len(plots.LABEL_COLOURS)]
         axis.plot(levels, means, marker="o", color=colour, label=name)
-        axis.fill_between(levels, np.maximum(lows, 1e-12), highs, color=colour, alpha=0.2)
+        axis.fill_between(levels, lows, highs, color=colour, alpha=0.2)
     axis.set_yscale("log")
     axis.set_xticks(range(1, 1 + max((len(i) for i in curves.values()), default=0)))
     axis.set_xlabel("encoder level (1 = full resolution)")

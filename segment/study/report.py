@@ -4,7 +4,6 @@ is called real only when the interval excludes zero."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from segment import plots
@@ -20,10 +19,9 @@ from segment.study.results import (
     trained_without,
 )
 from segment.study.settings import NO_SKIP_DROPOUT, WITH_SKIP_DROPOUT, WITHOUT_LEVEL, WITHOUT_SKIPS
-from segment.study.statistics import Difference, Interval, seed_interval
+from segment.study.statistics import Difference, Interval, geometric_interval
 
 FIGURES = "figures"
-NON_NEGATIVE = (0.0, math.inf)  # gradient norms and their ratios
 
 
 def _scale(scales: list[int]) -> str:
@@ -213,8 +211,7 @@ class SettingReport:
             if runs:
                 levels = len(runs[0].gradient_norms)
                 curves[variant_name(variant, self.analysis)] = [
-                    seed_interval([run.gradient_norms[level] for run in runs], NON_NEGATIVE)
-                    for level in range(levels)
+                    geometric_interval([run.gradient_norms[level] for run in runs]) for level in range(levels)
                 ]
         rows = [
             [name, *(i.text(4) for i in intervals), f"{intervals[0].mean / intervals[-1].mean:.0f}"]
@@ -323,7 +320,7 @@ class SettingReport:
             lines += [
                 "### Gradient flow",
                 "",
-                "Mean gradient norm reaching each encoder level's weights over training:",
+                "Gradient norm reaching each encoder level's weights, each run's mean over training; the geometric mean over seeds, with the 95 % interval of the logarithms:",
                 "",
                 *table,
                 "",
@@ -362,11 +359,11 @@ def gradient_summary(all_results: list[SettingResults]) -> list[str]:
             [
                 results.setting.title,
                 str(len(pairs)),
-                seed_interval([finest(a) for a, _ in pairs], NON_NEGATIVE).text(4),
-                seed_interval([finest(b) for _, b in pairs], NON_NEGATIVE).text(4),
-                _ratio_cell(seed_interval([finest(a) / finest(b) for a, b in pairs], NON_NEGATIVE)),
-                seed_interval([finest_over_deepest(a) for a, _ in pairs], NON_NEGATIVE).text(1),
-                seed_interval([finest_over_deepest(b) for _, b in pairs], NON_NEGATIVE).text(1),
+                geometric_interval([finest(a) for a, _ in pairs]).text(4),
+                geometric_interval([finest(b) for _, b in pairs]).text(4),
+                _ratio_cell(geometric_interval([finest(a) / finest(b) for a, b in pairs])),
+                geometric_interval([finest_over_deepest(a) for a, _ in pairs]).text(1),
+                geometric_interval([finest_over_deepest(b) for _, b in pairs]).text(1),
             ]
         )
     if not rows:
@@ -383,7 +380,7 @@ def gradient_summary(all_results: list[SettingResults]) -> list[str]:
     return [
         "## Gradient flow, setting beside setting",
         "",
-        "Mean gradient norm over training reaching the finest encoder level's weights, in the network with every long skip (no skip dropout) and in the one trained without any. **Bold**: the ratio's interval excludes 1. The ResNet encoder's short skips are in both of its networks.",
+        "Gradient norm reaching the finest encoder level's weights (each run's mean over training), in the network with every long skip (no skip dropout) and in the one trained without any; ratios per seed. Geometric means over seeds, with the 95 % interval of the logarithms. **Bold**: the ratio's interval excludes 1. The ResNet encoder's short skips are in both of its networks.",
         "",
         *_table(header, rows),
         "",

@@ -64,6 +64,14 @@ def seed_interval(per_seed: Sequence[float], bounds: tuple[float, float] = (-mat
     return Interval(mean, max(mean - half, bounds[0]), min(mean + half, bounds[1]), len(values))
 
 
+def geometric_interval(per_seed: Sequence[float]) -> Interval:
+    """The geometric mean of positive figures that span decades (gradient norms, their ratios),
+    with the t interval of their logarithms taken back: never below zero, and a ratio's interval
+    is the same either way round."""
+    logs = seed_interval(np.log(np.asarray(per_seed, dtype=float)))
+    return Interval(math.exp(logs.mean), math.exp(logs.low), math.exp(logs.high), logs.seeds)
+
+
 def paired_difference(differences: np.ndarray, seed: int = 0) -> Difference:
     """``differences``: (seeds, cases), setting B minus setting A per seed and case."""
     differences = np.atleast_2d(np.asarray(differences, dtype=float))
