@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from segment.study import detail
 from segment.study.analysis import case_measures
-from segment.study.report import SettingReport, gradient_summary
+from segment.study.report import SettingReport, across_settings, gradient_summary
 from segment.study.results import AnalysedRun, SettingResults
 from segment.study.settings import (
     NO_SKIP_DROPOUT,
@@ -265,3 +265,16 @@ def test_the_gradient_summary_sets_each_seed_with_skips_against_the_same_seed_wi
     assert cells[4] == "**3.33 [3.33, 3.33]**"  # the same ratio for every seed: certain, above 1
     assert cells[5].startswith("100.0") and cells[6].startswith("3.0")
     assert gradient_summary([SettingResults(SETTINGS[1])]) == []  # no pairs, no section
+
+
+def test_the_settings_are_set_side_by_side_level_by_level(tmp_path):
+    volumes = SettingResults(next(s for s in SETTINGS if s.name == "hippocampus_2d"))
+    volumes.runs[WITH_SKIP_DROPOUT] = analysed_runs(cube(), "hippocampus_2d")
+    untrained = SettingResults(SETTINGS[0])  # no analysed run yet: left out
+    text = "\n".join(across_settings([volumes, untrained], tmp_path))
+    assert "| setting | level 1 off | level 2 off |" in text
+    assert SETTINGS[0].title not in text
+    # An eroded cube loses voxels on its boundary only: every added error is within 1 voxel.
+    assert f"| {volumes.setting.title} | 1.00 [1.00, 1.00] | 1.00 [1.00, 1.00] |" in text
+    assert (tmp_path / "across_settings.png").stat().st_size > 10_000
+    assert across_settings([untrained], tmp_path) == []

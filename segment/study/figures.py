@@ -94,3 +94,41 @@ def gradient_flow(title: str, curves: dict[str, list[Interval]]) -> plt.Figure:
     axis.legend(fontsize=8)
     figure.tight_layout()
     return figure
+
+
+def _points(axis, figures: list[Interval | Difference | None], colour: str, offset: float, label: str) -> None:
+    shown = [(level, f) for level, f in enumerate(figures, start=1) if f is not None]
+    if not shown:
+        return
+    positions = np.array([level for level, _ in shown]) + offset
+    means = np.array([f.mean for _, f in shown])
+    errors = np.array([[f.mean - f.low, f.high - f.mean] if f.seeds >= 2 else [0, 0] for _, f in shown]).T
+    axis.errorbar(
+        positions, means, yerr=np.nan_to_num(errors), color=colour, marker="o", capsize=3, lw=1, label=label
+    )
+
+
+def across_settings(rows: dict[str, tuple[list[Difference | None], list[Interval | None]]]) -> plt.Figure:
+    """For each setting (a row: the Dice change and the boundary share of each level switched
+    off, finest first), the two beside the other settings': how much a skip carries, and how
+    close to the boundary its lost voxels lie."""
+    figure, (dice_axis, share_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+    spread = 0.08
+    for index, (name, (dice, share)) in enumerate(rows.items()):
+        colour = plots.LABEL_COLOURS[index % len(plots.LABEL_COLOURS)]
+        offset = (index - (len(rows) - 1) / 2) * spread
+        _points(dice_axis, dice, colour, offset, name)
+        _points(share_axis, share, colour, offset, name)
+    levels = max((len(dice) for dice, _ in rows.values()), default=0)
+    for axis in (dice_axis, share_axis):
+        axis.set_xticks(range(1, levels + 1))
+        axis.set_xlabel("level switched off at inference (1 = full resolution)")
+    dice_axis.axhline(0, color="grey", lw=0.8)
+    dice_axis.set_ylabel("change in Dice")
+    dice_axis.set_title("What each skip carries")
+    share_axis.set_ylim(-0.03, 1.03)
+    share_axis.set_ylabel("share of the lost voxels within 1 voxel of the boundary")
+    share_axis.set_title("How close to the boundary it is")
+    share_axis.legend(fontsize=7, loc="lower left")
+    figure.tight_layout()
+    return figure

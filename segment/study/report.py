@@ -387,6 +387,48 @@ def gradient_summary(all_results: list[SettingResults]) -> list[str]:
     ]
 
 
+def across_settings(all_results: list[SettingResults], figures_dir: Path) -> list[str]:
+    """Every setting's single skips side by side: the Dice each costs when switched off, and the
+    share of the voxels it loses that lie on the true boundary or one voxel from it."""
+    rows, dice_rows, share_rows = {}, [], []
+    for results in all_results:
+        if not results.base:
+            continue
+        masks = SettingReport(results, figures_dir).single_levels()
+        dice = [switched_off(results, mask, "mean_dice") for mask in masks]
+        share = [added_profile(results, mask, "error_distance", near_share) for mask in masks]
+        rows[results.setting.title] = (dice, share)
+        dice_rows.append([results.setting.title, *(_difference_cell(d) for d in dice)])
+        share_rows.append([results.setting.title, *("-" if i is None else i.text(2) for i in share)])
+    if not rows:
+        return []
+    levels = max(len(dice) for dice, _ in rows.values())
+    header = ["setting", *(f"level {k} off" for k in range(1, levels + 1))]
+
+    def padded(table_rows: list[list[str]]) -> list[list[str]]:
+        return [row + ["-"] * (levels + 1 - len(row)) for row in table_rows]
+
+    path = figures_dir / "across_settings.png"
+    with plots.released(figures.across_settings(rows)) as figure:
+        figure.savefig(path, dpi=110)
+    return [
+        "## Across settings",
+        "",
+        "Each long skip switched off alone, at inference, in every setting's skip-dropout model. "
+        "The change in Dice (paired by case and seed; **bold**: the interval excludes zero):",
+        "",
+        *_table(header, padded(dice_rows)),
+        "",
+        "Of the voxels it adds to the errors, the share on the true boundary or one voxel from it "
+        "(per seed, then its interval; - where it adds none):",
+        "",
+        *_table(header, padded(share_rows)),
+        "",
+        f"![across settings]({FIGURES}/{path.name})",
+        "",
+    ]
+
+
 def study_report(all_results: list[SettingResults], output: Path) -> str:
     """Write the report to ``output`` (Markdown) and its figures beside it; return the text."""
     figures_dir = output.parent / FIGURES
@@ -404,6 +446,7 @@ def study_report(all_results: list[SettingResults], output: Path) -> str:
         f"Training CPU time of the analysed runs: {cpu / 3600:.1f} hours.",
         "",
     ]
+    lines += across_settings(all_results, figures_dir)
     lines += gradient_summary(all_results)
     for results in all_results:
         lines += SettingReport(results, figures_dir).markdown()
