@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,24 @@ def logged_epochs(uri: str, run_id: str) -> list[int]:
     return sorted(metric.step for metric in store_client(uri).get_metric_history(run_id, "train_loss"))
 
 
+@contextmanager
+def store_held_until_refused(database: Path, training: subprocess.Popen, lines: list[str]) -> Iterator[None]:
+    """Another writer holds the SQLite ``database`` until the training has said (in ``lines``,
+    its stderr) that the store did not take an epoch, however slow the machine; it lets go when
+    the block ends."""
+    holder = sqlite3.connect(database, isolation_level=None, timeout=30)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        deadline = time.monotonic() + 240
+        while not any(line.startswith("Warning: the MLflow store") for line in lines):
+            assert time.monotonic() < deadline and training.poll() is None, "".join(lines)
+            time.sleep(0.2)
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
 @pytest.fixture
 def env(hippocampus_root) -> dict:
     return os.environ | {"SEGMENT_DATA_ROOT": str(hippocampus_root)}
@@ -61,16 +80,8 @@ def test_a_sqlite_store_locked_mid_run_gets_every_epoch_once_it_is_free(tmp_path
     reader.start()
     try:
         run_id = first_epoch_logged(env["MLFLOW_TRACKING_URI"], training)
-        # Another writer holds the database, and lets go only once the training has said that
-        # the store did not take an epoch: however slow the machine, one log is refused.
-        holder = sqlite3.connect(database, isolation_level=None, timeout=30)
-        holder.execute("BEGIN EXCLUSIVE")
-        deadline = time.monotonic() + 240
-        while not any(line.startswith("Warning: the MLflow store") for line in lines):
-            assert time.monotonic() < deadline and training.poll() is None, "".join(lines)
-            time.sleep(0.2)
-        holder.execute("ROLLBACK")
-        holder.close()
+        with store_held_until_refused(database, training, lines):
+            pass  # one log refused, then the store is free again
         training.wait(timeout=300)
         reader.join(timeout=30)
         stdout, stderr = training.stdout.read(), "".join(lines)
@@ -102,21 +113,12 @@ def test_a_run_stopped_while_the_store_is_locked_logs_the_held_epochs_when_resum
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(training.stderr), daemon=True)
     reader.start()
-    holder = None
     try:
         run_id = first_epoch_logged(uri, training)
-        holder = sqlite3.connect(database, isolation_level=None, timeout=30)
-        holder.execute("BEGIN EXCLUSIVE")
-        deadline = time.monotonic() + 240
-        while not any(line.startswith("Warning: the MLflow store") for line in lines):
-            assert time.monotonic() < deadline and training.poll() is None, "".join(lines)
-            time.sleep(0.2)
-        training.send_signal(signal.SIGINT)  # Ctrl-C, with epochs held for the store
-        training.wait(timeout=120)
+        with store_held_until_refused(database, training, lines):
+            training.send_signal(signal.SIGINT)  # Ctrl-C, with epochs held for the store
+            training.wait(timeout=120)
     finally:
-        if holder is not None:
-            holder.execute("ROLLBACK")
-            holder.close()
         training.kill()
         training.wait()
     assert training.returncode == 130, "".join(lines)[-2000:]
