@@ -117,7 +117,7 @@ class StudyRun:
             # seeds fewer epochs than an idle one's.
             "trainer.max_minutes=null",
             # One precision on every machine: "auto" picks bf16 on a CPU with native bf16 and
-            # fp32 on one without, and a setting's seeds may be trained in different sessions.
+            # fp32 on one without, and a setting's seeds may be trained on different machines.
             "trainer.amp=bf16",
             *self.setting.overrides,
             *self.extra,
