@@ -10,6 +10,7 @@ from segment import plots
 from segment.atomic import write_atomically
 from segment.study import figures
 from segment.study.results import (
+    AnalysedRun,
     SettingResults,
     added_profile,
     interval,
@@ -78,6 +79,13 @@ def _difference_cell(difference: Difference | None, digits: int = 4) -> str:
 
 def _p(difference: Difference | None) -> str:
     return "-" if difference is None else f"{difference.p_value:.2g}"
+
+
+def _saved(figure, figures_dir: Path, stem: str, alt: str) -> str:
+    """Write ``figure`` as ``stem``.png in ``figures_dir``; its Markdown image line."""
+    with plots.released(figure):
+        figure.savefig(figures_dir / f"{stem}.png", dpi=110)
+    return f"![{alt}]({FIGURES}/{stem}.png)"
 
 
 class SettingReport:
@@ -248,10 +256,7 @@ class SettingReport:
         return {name: row for name, row in rows.items() if name != "all off"}
 
     def _figure(self, figure, stem: str) -> str:
-        path = self.figures_dir / f"{self.name}_{stem}.png"
-        with plots.released(figure):
-            figure.savefig(path, dpi=110)
-        return f"![{self.name} {stem}]({FIGURES}/{path.name})"
+        return _saved(figure, self.figures_dir, f"{self.name}_{stem}", f"{self.name} {stem}")
 
     def markdown(self) -> list[str]:
         setting, results = self.results.setting, self.results
@@ -334,6 +339,14 @@ def _ratio_cell(ratio: Interval) -> str:
     return f"**{text}**" if ratio.seeds >= 2 and (ratio.low > 1 or ratio.high < 1) else text
 
 
+def finest(run: AnalysedRun) -> float:
+    return run.gradient_norms[0]
+
+
+def finest_over_deepest(run: AnalysedRun) -> float:
+    return run.gradient_norms[0] / run.gradient_norms[-1]
+
+
 def gradient_summary(all_results: list[SettingResults]) -> list[str]:
     """The gradient reaching the finest encoder level with every long skip and without any,
     setting beside setting, so that the plain and ResNet (short-skip) encoders can be set side
@@ -348,13 +361,6 @@ def gradient_summary(all_results: list[SettingResults]) -> list[str]:
         ]
         if not pairs:
             continue
-
-        def finest(run) -> float:
-            return run.gradient_norms[0]
-
-        def finest_over_deepest(run) -> float:
-            return run.gradient_norms[0] / run.gradient_norms[-1]
-
         rows.append(
             [
                 results.setting.title,
@@ -408,9 +414,7 @@ def across_settings(all_results: list[SettingResults], figures_dir: Path) -> lis
     def padded(table_rows: list[list[str]]) -> list[list[str]]:
         return [row + ["-"] * (levels + 1 - len(row)) for row in table_rows]
 
-    path = figures_dir / "across_settings.png"
-    with plots.released(figures.across_settings(rows)) as figure:
-        figure.savefig(path, dpi=110)
+    figure = _saved(figures.across_settings(rows), figures_dir, "across_settings", "across settings")
     return [
         "## Across settings",
         "",
@@ -424,7 +428,7 @@ def across_settings(all_results: list[SettingResults], figures_dir: Path) -> lis
         "",
         *_table(header, padded(share_rows)),
         "",
-        f"![across settings]({FIGURES}/{path.name})",
+        figure,
         "",
     ]
 
