@@ -189,6 +189,8 @@ def test_the_study_resumes_after_a_stop_and_reports_with_intervals(tmp_path, hip
     text = report.read_text()
     assert "## hippocampus 3D, plain encoder, concatenated skips" in text
     assert "level 1 (full resolution) off, at inference" in text
+    # Level 1's gradient over the deepest level's, per seed: 0.1 / 0.01 in every run.
+    assert "| trained with skip dropout, every skip on |" in text and "| 10.0 [10.0, 10.0] |" in text
     assert "trained without level 2 (1/2), against every skip" in text
     assert " [" in text  # two seeds: every figure has its interval
     for stem in ("levels", "boundary", "bands", "gradients"):
@@ -248,6 +250,8 @@ def test_skeleton_scores_are_reported_for_2d_masks_not_for_volumes_a_2d_network_
     text = "\n".join(SettingReport(results, tmp_path).markdown())
     assert ("clDice" in text) is skeletons
     assert "level 1 (full resolution) off, at inference" in text
+    # Level 1's gradient over the deepest level's, per seed: 0.1 / 0.01 in every run.
+    assert "| trained with skip dropout, every skip on |" in text and "| 10.0 [10.0, 10.0] |" in text
     assert (tmp_path / f"{setting}_levels.png").stat().st_size > 10_000
 
 

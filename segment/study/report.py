@@ -214,17 +214,17 @@ class SettingReport:
 
     def gradients(self) -> tuple[list[str], dict]:
         curves = {}
+        rows = []
         for variant in (WITH_SKIP_DROPOUT, NO_SKIP_DROPOUT, WITHOUT_SKIPS):
             runs = self.results.seeds(variant)
             if runs:
                 levels = len(runs[0].gradient_norms)
-                curves[variant_name(variant, self.analysis)] = [
+                name = variant_name(variant, self.analysis)
+                curves[name] = [
                     geometric_interval([run.gradient_norms[level] for run in runs]) for level in range(levels)
                 ]
-        rows = [
-            [name, *(i.text(4) for i in intervals), f"{intervals[0].mean / intervals[-1].mean:.0f}"]
-            for name, intervals in curves.items()
-        ]
+                ratio = geometric_interval([finest_over_deepest(run) for run in runs])
+                rows.append([name, *(i.text(4) for i in curves[name]), ratio.text(1)])
         levels = len(next(iter(curves.values()), []))
         header = ["trained", *(f"level {k}" for k in range(1, levels + 1)), "level 1 / deepest"]
         return _table(header, rows), curves
