@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import nibabel as nib
@@ -261,6 +262,16 @@ def test_nsd_counts_boundary_voxels_within_the_tolerance_in_the_scans_unit(hippo
     tighter = score_case(CASE, shifted, truth, label, names, nsd_tolerance=0.5)
     assert all(within.nsd[name] > 0.9 for name in ("Anterior", "Posterior"))
     assert all(tighter.nsd[name] < within.nsd[name] - 0.2 for name in ("Anterior", "Posterior"))
+
+
+def test_a_label_the_prediction_misses_has_no_hausdorff_distance_and_no_volume(hippocampus_root):
+    label = read_scan(hippocampus_root / "Task04_Hippocampus" / "labelsTr" / f"{CASE}.nii.gz")
+    truth = label.array.round().astype(np.int64)
+    without_posterior = np.where(truth == 2, 0, truth)
+    scores = score_case(CASE, without_posterior, truth, label, {0: "background", 1: "Anterior", 2: "Posterior"})
+    assert math.isnan(scores.hd95["Posterior"]) and scores.volume["Posterior"] == 0.0
+    assert scores.dice["Posterior"] == 0.0 and scores.hd95["Anterior"] == 0.0
+    assert scores.volume["Anterior"] == (truth == 1).sum() * label.voxel_volume
 
 
 @pytest.mark.slow

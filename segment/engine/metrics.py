@@ -19,6 +19,9 @@ NSD_TOLERANCE = 1.0
 # MONAI's own surface-distance code passes an argument it has itself deprecated; the warning
 # says nothing a user of this module can act on.
 warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+# A label missing from the prediction or the truth is scored on purpose (no HD95, an NSD of 0
+# or 1); MONAI's warning about its empty surface would repeat that per case and label.
+warnings.filterwarnings("ignore", message="the (prediction|ground truth) of class .* is all 0", category=UserWarning)
 
 
 def label_one_hot(labels: np.ndarray | torch.Tensor, classes: int) -> torch.Tensor:
@@ -95,11 +98,11 @@ def score_case(
     scores = CaseScores(case, scan.unit, tolerance, scan.volume_unit)
     for index, value in enumerate(range(1, classes)):
         name = label_names.get(value, str(value))
-        present = (prediction == value).any(), (truth == value).any()
+        predicted_voxels = int((prediction == value).sum())
         scores.dice[name] = float(dice[index])
-        scores.hd95[name] = float(hd95[index]) if all(present) else math.nan
+        scores.hd95[name] = float(hd95[index]) if predicted_voxels and (truth == value).any() else math.nan
         scores.nsd[name] = nsd[index]
-        scores.volume[name] = float((prediction == value).sum()) * scan.voxel_volume
+        scores.volume[name] = predicted_voxels * scan.voxel_volume
     return scores
 
 
