@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from segment.study import detail
 from segment.study.analysis import case_measures
-from segment.study.report import SettingReport, across_settings, gradient_summary
+from segment.study.report import SettingReport, across_settings, gradient_summary, setting_comparisons
 from segment.study.results import AnalysedRun, SettingResults
 from segment.study.settings import (
     NO_SKIP_DROPOUT,
@@ -282,3 +282,34 @@ def test_the_settings_are_set_side_by_side_level_by_level(tmp_path):
     assert f"| {volumes.setting.title} | 1.00 [1.00, 1.00] | 1.00 [1.00, 1.00] |" in text
     assert (tmp_path / "across_settings.png").stat().st_size > 10_000
     assert across_settings([untrained], tmp_path) == []
+
+
+def test_two_settings_are_set_against_each_other_case_by_case_with_the_seeds_interval():
+    def reference_runs(setting: str, dice_by_case: dict[str, float], shift_per_seed: list[float]):
+        runs = []
+        for seed, shift in enumerate(shift_per_seed):
+            # Surface Dice moves by a tenth as much from seed to seed.
+            near = 0.02 + (shift - 0.02) / 10 if shift else 0.0
+            cases = [
+                {"case": name, "mean_dice": dice + shift, "nsd": {"0.5": dice + near}}
+                for name, dice in dice_by_case.items()
+            ]
+            analysis = {"built_skips": "11", "masks": {"11": cases}}
+            runs.append(AnalysedRun(f"{setting}{seed}", setting, NO_SKIP_DROPOUT, seed, 1.0, analysis, []))
+        return runs
+
+    concatenated, added = (
+        SettingResults(next(s for s in SETTINGS if s.name == name)) for name in ("hippocampus_3d", "hippocampus_3d_add")
+    )
+    concatenated.runs[NO_SKIP_DROPOUT] = reference_runs("c", {"a": 0.8, "b": 0.9}, [0.0, 0.0, 0.0])
+    # The added-skip runs list their cases in another order; each seed is 0.01, 0.02, 0.03 better.
+    added.runs[NO_SKIP_DROPOUT] = reference_runs("a", {"b": 0.9, "a": 0.8}, [0.01, 0.02, 0.03])
+    (row,) = [line for line in setting_comparisons([concatenated, added]) if line.startswith("| added")]
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[0] == "added skips against concatenated skips (hippocampus 3D, plain encoder)"
+    # Mean +0.02; the t interval over the seeds' 0.01, 0.02, 0.03 is +-4.303 * 0.01 / sqrt(3)
+    # and holds zero (a bootstrap over three seeds would not), over 0.019, 0.02, 0.021 it does not.
+    assert cells[1] == "+0.0200 [-0.0048, +0.0448]"
+    assert cells[2] == "**+0.0200 [+0.0175, +0.0225]**"
+    assert cells[4] == "-"  # no runs trained without long skips: no figure
+    assert setting_comparisons([concatenated]) == []

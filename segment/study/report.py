@@ -13,13 +13,20 @@ from segment.study.results import (
     AnalysedRun,
     SettingResults,
     added_profile,
+    between_settings,
     interval,
     mean_band,
     near_share,
     switched_off,
     trained_without,
 )
-from segment.study.settings import NO_SKIP_DROPOUT, WITH_SKIP_DROPOUT, WITHOUT_LEVEL, WITHOUT_SKIPS
+from segment.study.settings import (
+    COMPARISONS,
+    NO_SKIP_DROPOUT,
+    WITH_SKIP_DROPOUT,
+    WITHOUT_LEVEL,
+    WITHOUT_SKIPS,
+)
 from segment.study.statistics import Difference, Interval, geometric_interval
 
 FIGURES = "figures"
@@ -433,6 +440,48 @@ def across_settings(all_results: list[SettingResults], figures_dir: Path) -> lis
     ]
 
 
+def comparison_name(a: SettingResults, b: SettingResults) -> str:
+    """"added skips against concatenated skips (hippocampus 3D, plain encoder)": what differs
+    between two settings' titles, then what they share."""
+    pairs = list(zip(a.setting.title.split(", "), b.setting.title.split(", "), strict=True))
+    old, new = (" and ".join(part[side] for part in pairs if part[0] != part[1]) for side in (0, 1))
+    return f"{new} against {old} ({', '.join(x for x, y in pairs if x == y)})"
+
+
+def setting_comparisons(all_results: list[SettingResults]) -> list[str]:
+    """Settings set against each other (:data:`COMPARISONS`): the same variant, seed and case
+    in both, so that concatenated against added skips, or one encoder against the other, is a
+    paired difference."""
+    by_name = {results.setting.name: results for results in all_results}
+    columns = (
+        (NO_SKIP_DROPOUT, "mean_dice", "every skip: Dice"),
+        (NO_SKIP_DROPOUT, "nsd:0.5", "every skip: NSD 0.5"),
+        (WITH_SKIP_DROPOUT, "mean_dice", "skip dropout: Dice"),
+        (WITHOUT_SKIPS, "mean_dice", "without long skips: Dice"),
+    )
+    rows = []
+    for a_name, b_name in COMPARISONS:
+        if a_name not in by_name or b_name not in by_name:
+            continue
+        a, b = by_name[a_name], by_name[b_name]
+        cells = [between_settings(a, b, variant, measure) for variant, measure, _ in columns]
+        if any(cells):
+            rows.append([comparison_name(a, b), *(_difference_cell(cell) for cell in cells)])
+    if not rows:
+        return []
+    return [
+        "## Settings against each other",
+        "",
+        "The second setting minus the first, for the same variant (skip dropout: every skip on), "
+        "paired by seed and case. The interval is the t interval of the seeds' mean differences: "
+        "each network is a retraining, and that noise is what separates two settings. **Bold**: "
+        "the interval excludes zero.",
+        "",
+        *_table(["change", *(title for _, _, title in columns)], rows),
+        "",
+    ]
+
+
 def study_report(all_results: list[SettingResults], output: Path) -> str:
     """Write the report to ``output`` (Markdown) and its figures beside it; return the text."""
     figures_dir = output.parent / FIGURES
@@ -451,6 +500,7 @@ def study_report(all_results: list[SettingResults], output: Path) -> str:
         "",
     ]
     lines += across_settings(all_results, figures_dir)
+    lines += setting_comparisons(all_results)
     lines += gradient_summary(all_results)
     for results in all_results:
         lines += SettingReport(results, figures_dir).markdown()

@@ -12,7 +12,13 @@ import numpy as np
 from segment.study.analysis import has_analysis, read_analysis
 from segment.study.runner import CPU_TAG, FINISHED
 from segment.study.settings import NO_SKIP_DROPOUT, SETTINGS, WITH_SKIP_DROPOUT, Setting
-from segment.study.statistics import Difference, Interval, paired_difference, seed_interval
+from segment.study.statistics import (
+    Difference,
+    Interval,
+    paired_difference,
+    seed_interval,
+    seed_paired_difference,
+)
 from segment.tracking.store import store_errors, use_store
 
 
@@ -131,6 +137,27 @@ def trained_without(
     reference, other = results.seeds(NO_SKIP_DROPOUT), results.seeds(variant)
     differences = _paired(reference, other, measure, None, None, column)
     return paired_difference(differences) if len(differences) else None
+
+
+def between_settings(a: SettingResults, b: SettingResults, variant: str, measure: str) -> Difference | None:
+    """Setting ``b``'s ``variant`` minus setting ``a``'s, seed by seed and case by case (the
+    cases they share, matched by name), with the seeds' t interval."""
+    a_runs = {run.seed: run for run in a.seeds(variant)}
+    rows = []
+    for run in b.seeds(variant):
+        if run.seed not in a_runs:
+            continue
+        a_cases = {case["case"]: case for case in a_runs[run.seed].cases()}
+        b_cases = {case["case"]: case for case in run.cases()}
+        shared = sorted(a_cases.keys() & b_cases.keys())
+        if shared:
+            rows.append(
+                _values([b_cases[name] for name in shared], measure)
+                - _values([a_cases[name] for name in shared], measure)
+            )
+    if not rows or len({len(row) for row in rows}) > 1:
+        return None
+    return seed_paired_difference(np.array(rows))
 
 
 def collect(tracking_uri: str | None = None) -> list[SettingResults]:

@@ -69,6 +69,15 @@ SETTINGS = (
     ),
 )
 
+# Settings set against each other in the report, (A, B) for "B against A": the same task's
+# cases and seeds, so that each difference is paired.
+COMPARISONS = (
+    ("hippocampus_3d", "hippocampus_3d_add"),
+    ("hippocampus_3d_resnet", "hippocampus_3d_resnet_add"),
+    ("hippocampus_3d", "hippocampus_3d_resnet"),
+    ("hippocampus_3d", "hippocampus_2d"),
+)
+
 
 def variant_skips(variant: str, levels: int) -> tuple[int, ...]:
     """The long skips a variant is built with, finest first."""

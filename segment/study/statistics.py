@@ -5,8 +5,11 @@ interval over the seeds: retraining is the variation a user meets. A difference 
 skip settings is paired: the same cases and, for each seed, the same training seed (the same
 model when a skip is switched off at inference). Its interval comes from a two-level bootstrap
 (seeds, then cases within them), so that it holds both sources of noise; its p-value from a
-Wilcoxon signed-rank test over the cases' seed-averaged differences. A difference is called
-real only when its interval excludes zero."""
+Wilcoxon signed-rank test over the cases' seed-averaged differences. Two settings (two
+networks, each trained with its own seeds) are set against each other by the t interval of the
+seeds' mean differences instead: there every network is a retraining, and over three seeds the
+bootstrap would understate that noise. A difference is called real only when its interval
+excludes zero."""
 
 from __future__ import annotations
 
@@ -77,9 +80,7 @@ def paired_difference(differences: np.ndarray, seed: int = 0) -> Difference:
     differences = np.atleast_2d(np.asarray(differences, dtype=float))
     seeds, cases = differences.shape
     mean = float(differences.mean())
-    per_case = differences.mean(axis=0)
-    nonzero = per_case[per_case != 0]
-    p_value = float(stats.wilcoxon(nonzero).pvalue) if len(nonzero) >= 2 else 1.0
+    p_value = _case_p_value(differences)
     if seeds < 2:
         return Difference(mean, math.nan, math.nan, p_value, seeds, cases)
     generator = np.random.default_rng(seed)
@@ -89,3 +90,18 @@ def paired_difference(differences: np.ndarray, seed: int = 0) -> Difference:
     tail = (1 - CONFIDENCE) / 2
     low, high = np.quantile(resampled, [tail, 1 - tail])
     return Difference(mean, float(low), float(high), p_value, seeds, cases)
+
+
+def seed_paired_difference(differences: np.ndarray) -> Difference:
+    """``differences``: (seeds, cases), setting B minus setting A per seed and case, where A and
+    B are networks trained apart: the t interval over the seeds' mean differences."""
+    differences = np.atleast_2d(np.asarray(differences, dtype=float))
+    per_seed = seed_interval(differences.mean(axis=1))
+    return Difference(per_seed.mean, per_seed.low, per_seed.high, _case_p_value(differences), *differences.shape)
+
+
+def _case_p_value(differences: np.ndarray) -> float:
+    """Wilcoxon signed-rank test over the cases' seed-averaged differences."""
+    per_case = differences.mean(axis=0)
+    nonzero = per_case[per_case != 0]
+    return float(stats.wilcoxon(nonzero).pvalue) if len(nonzero) >= 2 else 1.0
