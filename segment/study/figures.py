@@ -112,7 +112,7 @@ def across_settings(rows: dict[str, tuple[list[Difference | None], list[Interval
     """For each setting (a row: the Dice change and the boundary share of each level switched
     off, finest first), the two beside the other settings': how much a skip carries, and how
     close to the boundary its lost voxels lie."""
-    figure, (dice_axis, share_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+    figure, (dice_axis, share_axis) = plt.subplots(1, 2, figsize=(11, 5.2))
     spread = 0.08
     for index, (name, (dice, share)) in enumerate(rows.items()):
         colour = plots.LABEL_COLOURS[index % len(plots.LABEL_COLOURS)]
@@ -129,6 +129,8 @@ def across_settings(rows: dict[str, tuple[list[Difference | None], list[Interval
     share_axis.set_ylim(-0.03, 1.03)
     share_axis.set_ylabel("share of the lost voxels within 1 voxel of the boundary")
     share_axis.set_title("How close to the boundary it is")
-    share_axis.legend(fontsize=7, loc="lower left")
-    figure.tight_layout()
+    # Below both panels, where it hides no point however many settings there are.
+    handles, labels = share_axis.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0.05 + 0.025 * ((len(rows) + 1) // 2), 1, 1))
     return figure
