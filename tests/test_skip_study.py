@@ -98,6 +98,11 @@ def test_intervals_and_paired_differences():
     noise = paired_difference(generator.normal(0.0, 0.01, size=(3, 40)))
     assert not noise.real and noise.low < 0 < noise.high
     assert not paired_difference(generator.normal(0.02, 0.01, size=(1, 40))).real  # one seed says nothing
+    # Seeds that disagree: every case agrees within a seed, but three seeds at +0.01, +0.02 and
+    # +0.03 cannot tell +0.02 from zero (their t interval is +-0.025), however many cases.
+    by_seed = np.array([0.01, 0.02, 0.03])[:, None] + generator.normal(0.0, 0.001, size=(3, 40))
+    seeds_apart = paired_difference(by_seed)
+    assert not seeds_apart.real and seeds_apart.high - seeds_apart.mean > 0.024
 
 
 def test_the_study_trains_pairs_together_and_the_claims_first():
@@ -306,7 +311,7 @@ def test_two_settings_are_set_against_each_other_case_by_case_with_the_seeds_int
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[0] == "added skips against concatenated skips (hippocampus 3D, plain encoder)"
     # Mean +0.02; the t interval over the seeds' 0.01, 0.02, 0.03 is +-4.303 * 0.01 / sqrt(3)
-    # and holds zero (a bootstrap over three seeds would not), over 0.019, 0.02, 0.021 it does not.
+    # and holds zero, over 0.019, 0.02, 0.021 it does not.
     assert cells[1] == "+0.0200 [-0.0048, +0.0448]"
     assert cells[2] == "**+0.0200 [+0.0175, +0.0225]**"
     assert cells[4] == "-"  # no runs trained without long skips: no figure

@@ -17,7 +17,6 @@ from segment.study.statistics import (
     Interval,
     paired_difference,
     seed_interval,
-    seed_paired_difference,
 )
 from segment.tracking.store import store_errors, use_store
 
@@ -141,7 +140,7 @@ def trained_without(
 
 def between_settings(a: SettingResults, b: SettingResults, variant: str, measure: str) -> Difference | None:
     """Setting ``b``'s ``variant`` minus setting ``a``'s, seed by seed and case by case (the
-    cases they share, matched by name), with the seeds' t interval."""
+    cases they share, matched by name)."""
     a_runs = {run.seed: run for run in a.seeds(variant)}
     rows = []
     for run in b.seeds(variant):
@@ -157,7 +156,7 @@ def between_settings(a: SettingResults, b: SettingResults, variant: str, measure
             )
     if not rows or len({len(row) for row in rows}) > 1:
         return None
-    return seed_paired_difference(np.array(rows))
+    return paired_difference(np.array(rows))
 
 
 def collect(tracking_uri: str | None = None) -> list[SettingResults]:

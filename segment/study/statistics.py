@@ -3,13 +3,14 @@
 A setting's figure is the mean over seeds of each seed's mean over cases, with a 95 % t
 interval over the seeds: retraining is the variation a user meets. A difference between two
 skip settings is paired: the same cases and, for each seed, the same training seed (the same
-model when a skip is switched off at inference). Its interval comes from a two-level bootstrap
-(seeds, then cases within them), so that it holds both sources of noise; its p-value from a
-Wilcoxon signed-rank test over the cases' seed-averaged differences. Two settings (two
-networks, each trained with its own seeds) are set against each other by the t interval of the
-seeds' mean differences instead: there every network is a retraining, and over three seeds the
-bootstrap would understate that noise. A difference is called real only when its interval
-excludes zero."""
+model when a skip is switched off at inference; the same seed's reference when a network is
+trained otherwise). Its interval must hold for another seed and for other cases, so its
+variance is the seeds' (the variance of the seeds' mean differences over the seeds) plus the
+cases' (the variance of the cases' seed-averaged differences over the cases), with
+Welch-Satterthwaite degrees of freedom. With three seeds the seeds' part has two degrees of
+freedom and often dominates: a bootstrap over three seeds would understate it. The p-value
+comes from a Wilcoxon signed-rank test over the cases' seed-averaged differences, which sees
+the case noise only. A difference is called real only when its interval excludes zero."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import numpy as np
 from scipy import stats
 
 CONFIDENCE = 0.95
-BOOTSTRAP_SAMPLES = 4000
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def geometric_interval(per_seed: Sequence[float]) -> Interval:
     return Interval(math.exp(logs.mean), math.exp(logs.low), math.exp(logs.high), logs.seeds)
 
 
-def paired_difference(differences: np.ndarray, seed: int = 0) -> Difference:
+def paired_difference(differences: np.ndarray) -> Difference:
     """``differences``: (seeds, cases), setting B minus setting A per seed and case."""
     differences = np.atleast_2d(np.asarray(differences, dtype=float))
     seeds, cases = differences.shape
@@ -83,21 +83,17 @@ def paired_difference(differences: np.ndarray, seed: int = 0) -> Difference:
     p_value = _case_p_value(differences)
     if seeds < 2:
         return Difference(mean, math.nan, math.nan, p_value, seeds, cases)
-    generator = np.random.default_rng(seed)
-    chosen_seeds = generator.integers(0, seeds, size=(BOOTSTRAP_SAMPLES, seeds))
-    chosen_cases = generator.integers(0, cases, size=(BOOTSTRAP_SAMPLES, seeds, cases))
-    resampled = differences[chosen_seeds[..., None], chosen_cases].mean(axis=(1, 2))
-    tail = (1 - CONFIDENCE) / 2
-    low, high = np.quantile(resampled, [tail, 1 - tail])
-    return Difference(mean, float(low), float(high), p_value, seeds, cases)
-
-
-def seed_paired_difference(differences: np.ndarray) -> Difference:
-    """``differences``: (seeds, cases), setting B minus setting A per seed and case, where A and
-    B are networks trained apart: the t interval over the seeds' mean differences."""
-    differences = np.atleast_2d(np.asarray(differences, dtype=float))
-    per_seed = seed_interval(differences.mean(axis=1))
-    return Difference(per_seed.mean, per_seed.low, per_seed.high, _case_p_value(differences), *differences.shape)
+    parts = [differences.mean(axis=1).var(ddof=1) / seeds]  # the seeds' part
+    freedom = [seeds - 1]
+    if cases >= 2:
+        parts.append(differences.mean(axis=0).var(ddof=1) / cases)  # the cases' part
+        freedom.append(cases - 1)
+    variance = sum(parts)
+    if variance == 0:
+        return Difference(mean, mean, mean, p_value, seeds, cases)
+    degrees = variance**2 / sum(part**2 / df for part, df in zip(parts, freedom, strict=True))
+    half = stats.t.ppf(0.5 + CONFIDENCE / 2, degrees) * math.sqrt(variance)
+    return Difference(mean, mean - half, mean + half, p_value, seeds, cases)
 
 
 def _case_p_value(differences: np.ndarray) -> float:
