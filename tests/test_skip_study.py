@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from segment.study.settings import (
     NO_SKIP_DROPOUT,
     SETTINGS,
     WITH_SKIP_DROPOUT,
+    WITHOUT_LEVEL,
     WITHOUT_SKIPS,
     study_runs,
     variant_skips,
@@ -256,6 +258,27 @@ def test_skeleton_scores_are_reported_for_2d_masks_not_for_volumes_a_2d_network_
     # Level 1's gradient over the deepest level's, per seed: 0.1 / 0.01 in every run.
     assert "| trained with skip dropout, every skip on |" in text and "| 10.0 [10.0, 10.0] |" in text
     assert (tmp_path / f"{setting}_levels.png").stat().st_size > 10_000
+
+
+def test_a_network_trained_without_a_skip_has_its_added_errors_located_like_a_switched_off_skip(tmp_path):
+    results = SettingResults(next(s for s in SETTINGS if s.name == "hippocampus_2d"))
+    results.runs[WITH_SKIP_DROPOUT] = analysed_runs(cube(), "hippocampus_2d")
+    # The same predictions read as separately trained networks: every skip (the truth itself),
+    # and without level 1 (the cube eroded by one voxel).
+    for variant, built in ((NO_SKIP_DROPOUT, "11"), (f"{WITHOUT_LEVEL}1", "01")):
+        results.runs[variant] = [
+            replace(run, variant=variant, analysis=run.analysis | {"built_skips": built})
+            for run in results.runs[WITH_SKIP_DROPOUT]
+        ]
+    report = SettingReport(results, tmp_path)
+    table, switched = report.boundary()
+    row = next(line for line in table if line.startswith("| trained without level 1 (full resolution) |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert float(cells[1].strip("*").split()[0]) > 0  # the eroded layer: on the boundary
+    assert cells[-1] == "1.00 [1.00, 1.00]"
+    assert list(switched) == ["level 1 (full resolution) off", "level 2 (1/2) off", "all off"]
+    bands, _ = report.bands()
+    assert any(line.startswith("| trained without level 1 (full resolution) |") for line in bands)
 
 
 def test_the_gradient_summary_sets_each_seed_with_skips_against_the_same_seed_without():

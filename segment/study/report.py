@@ -19,6 +19,7 @@ from segment.study.results import (
     near_share,
     switched_off,
     trained_without,
+    trained_without_profile,
 )
 from segment.study.settings import (
     COMPARISONS,
@@ -200,8 +201,9 @@ class SettingReport:
     def _banded_table(
         self, measure: str, columns: list[str], summary: str, summarise
     ) -> tuple[list[str], dict[str, list[Difference]]]:
-        """Each level switched off: its change per band (distance or frequency) with intervals,
-        then ``summarise`` of the bands that grew, per seed."""
+        """Each level switched off, then each network trained without skips: its change per
+        band (distance or frequency) with intervals, then ``summarise`` of the bands that grew,
+        per seed. The rows switched off are returned for the figures."""
         rows = self._banded(measure, columns)
         lines = []
         for mask, (name, differences) in zip(self.off_masks(), rows.items(), strict=True):
@@ -209,7 +211,20 @@ class SettingReport:
             lines.append(
                 [name, *(_difference_cell(d, 1) for d in differences), reduced.text(2) if reduced else "-"]
             )
-        return _table(["switched off", *columns, summary], lines), rows
+        for variant in self.level_variants():
+            differences = [
+                trained_without(self.results, variant, measure, column) for column in range(len(columns))
+            ]
+            if differences[0] is not None:
+                reduced = trained_without_profile(self.results, variant, measure, summarise)
+                lines.append(
+                    [
+                        variant_name(variant, self.analysis),
+                        *(_difference_cell(d, 1) for d in differences),
+                        reduced.text(2) if reduced else "-",
+                    ]
+                )
+        return _table(["change", *columns, summary], lines), rows
 
     def boundary(self) -> tuple[list[str], dict[str, list[Difference]]]:
         columns = [f"{n} vox" for n in self.analysis["distance_bands"]]
@@ -287,7 +302,7 @@ class SettingReport:
             lines += [
                 "### Where the lost voxels are",
                 "",
-                "Extra wrong voxels per case, by distance to the true boundary, against all skips on. The last column: of the voxels added in the bands whose errors grew, the share on the boundary or one voxel from it (per seed, then its interval).",
+                "Extra wrong voxels per case, by distance to the true boundary: a skip switched off against all skips on in the skip-dropout model, a network trained without skips against the one with every skip. The last column: of the voxels added in the bands whose errors grew, the share on the boundary or one voxel from it (per seed, then its interval).",
                 "",
                 *table,
                 "",
@@ -309,7 +324,7 @@ class SettingReport:
             lines += [
                 "### At which scale",
                 "",
-                "Extra error energy per case in each frequency band (band k: the wavelengths level k can hold and level k+1 cannot), against all skips on. The last column: the energy-weighted mean band of the added error (1 = finest; per seed, then its interval).",
+                "Extra error energy per case in each frequency band (band k: the wavelengths level k can hold and level k+1 cannot), against the same references. The last column: the energy-weighted mean band of the added error (1 = finest; per seed, then its interval).",
                 "",
                 *table,
                 "",

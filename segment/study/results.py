@@ -96,26 +96,41 @@ def switched_off(
     return paired_difference(_paired(base, base, measure, all_on, mask, column))
 
 
-def added_profile(results: SettingResults, mask: str, measure: str, summarise) -> Interval | None:
-    """A vector measure's (``error_distance``, ``band_energy``) change under ``mask``, per seed:
-    the mean over cases of the bands' increases (a band that lost errors counts zero), reduced
-    to one number by ``summarise`` and given an interval over the seeds. ``summarise`` is a
-    weighted mean over the bands, so its bounds are its values on a single band."""
-    base = results.base
-    if not base:
-        return None
-    all_on = base[0].analysis["built_skips"]
+def _profile(pairs: list[tuple[list[dict], list[dict]]], measure: str, summarise) -> Interval | None:
+    """A vector measure's (``error_distance``, ``band_energy``) change from each seed's
+    reference cases to its changed cases: the mean over cases of the bands' increases (a band
+    that lost errors counts zero), reduced to one number by ``summarise`` and given an interval
+    over the seeds. ``summarise`` is a weighted mean over the bands, so its bounds are its
+    values on a single band."""
     values = []
-    for run in base:
-        added = np.clip(
-            (_values(run.cases(mask), measure) - _values(run.cases(all_on), measure)).mean(axis=0), 0, None
-        )
+    for reference, changed in pairs:
+        added = np.clip((_values(changed, measure) - _values(reference, measure)).mean(axis=0), 0, None)
         if added.sum() > 0:
             values.append(summarise(added))
     if not values:
         return None
     single_bands = [summarise(band) for band in np.eye(len(added))]
     return seed_interval(values, (min(single_bands), max(single_bands)))
+
+
+def added_profile(results: SettingResults, mask: str, measure: str, summarise) -> Interval | None:
+    """What switching ``mask``'s skips off adds to the skip-dropout model's errors, per band,
+    reduced by ``summarise`` (see ``_profile``)."""
+    base = results.base
+    if not base:
+        return None
+    all_on = base[0].analysis["built_skips"]
+    return _profile([(run.cases(all_on), run.cases(mask)) for run in base], measure, summarise)
+
+
+def trained_without_profile(results: SettingResults, variant: str, measure: str, summarise) -> Interval | None:
+    """What training as ``variant`` adds to the errors of the network with every skip and no
+    skip dropout, seed by seed, reduced by ``summarise`` (see ``_profile``)."""
+    references = {run.seed: run for run in results.seeds(NO_SKIP_DROPOUT)}
+    pairs = [
+        (references[run.seed].cases(), run.cases()) for run in results.seeds(variant) if run.seed in references
+    ]
+    return _profile(pairs, measure, summarise)
 
 
 def near_share(added: np.ndarray) -> float:
