@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import math
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -142,7 +143,10 @@ def test_fp32_cpu_inference_runs_onednn_convolutions_with_pytorchs_own_results(c
     assert "aten::slow_conv3d_forward" in kernels["pytorch"]
     assert "aten::slow_conv3d_forward" not in kernels["routed"]
     assert "aten::mkldnn_convolution" in kernels["routed"]
-    torch.testing.assert_close(logits["routed"], logits["pytorch"], rtol=1e-4, atol=1e-4)
+    # The two kernels sum in different orders, and the rounding grows through the layers (more
+    # with one thread): the logits agree to fp32's accumulated rounding, the labels but for ties.
+    torch.testing.assert_close(logits["routed"], logits["pytorch"], rtol=1e-3, atol=1e-3)
+    assert (logits["routed"].argmax(1) == logits["pytorch"].argmax(1)).float().mean() > 0.9999
 
 
 @pytest.mark.slow
@@ -268,7 +272,11 @@ def test_a_label_the_prediction_misses_has_no_hausdorff_distance_and_no_volume(h
     label = read_scan(hippocampus_root / "Task04_Hippocampus" / "labelsTr" / f"{CASE}.nii.gz")
     truth = label.array.round().astype(np.int64)
     without_posterior = np.where(truth == 2, 0, truth)
-    scores = score_case(CASE, without_posterior, truth, label, {0: "background", 1: "Anterior", 2: "Posterior"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scores = score_case(CASE, without_posterior, truth, label, {0: "background", 1: "Anterior", 2: "Posterior"})
+    # Scored on purpose, so without MONAI's per-label warning about the empty surface.
+    assert not [w for w in caught if "is all 0" in str(w.message)]
     assert math.isnan(scores.hd95["Posterior"]) and scores.volume["Posterior"] == 0.0
     assert scores.dice["Posterior"] == 0.0 and scores.hd95["Anterior"] == 0.0
     assert scores.volume["Anterior"] == (truth == 1).sum() * label.voxel_volume

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,12 +18,20 @@ from segment.io import Scan, ScanError
 
 # In the scan's spatial unit, which for clinical scans is the millimetre.
 NSD_TOLERANCE = 1.0
-# MONAI's own surface-distance code passes an argument it has itself deprecated; the warning
-# says nothing a user of this module can act on.
-warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
-# A label missing from the prediction or the truth is scored on purpose (no HD95, an NSD of 0
-# or 1); MONAI's warning about its empty surface would repeat that per case and label.
-warnings.filterwarnings("ignore", message="the (prediction|ground truth) of class .* is all 0", category=UserWarning)
+
+
+@contextmanager
+def _quiet_surface_distances() -> Iterator[None]:
+    """MONAI's surface distances without two warnings a caller cannot act on, and only
+    around them: its own code passes an argument it has deprecated, and a label missing from
+    the prediction or the truth is scored on purpose here (no HD95, an NSD of 0 or 1), which
+    its empty-surface warning would repeat per case and label."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+        warnings.filterwarnings(
+            "ignore", message="the (prediction|ground truth) of class .* is all 0", category=UserWarning
+        )
+        yield
 
 
 def label_one_hot(labels: np.ndarray | torch.Tensor, classes: int) -> torch.Tensor:
@@ -93,7 +103,8 @@ def score_case(
     dice = _dice(predicted, expected)
     spacing = list(scan.spacing)
     tolerance = default_nsd_tolerance(scan) if nsd_tolerance is None else nsd_tolerance
-    hd95 = compute_hausdorff_distance(predicted, expected, percentile=95, spacing=spacing)[0]
+    with _quiet_surface_distances():
+        hd95 = compute_hausdorff_distance(predicted, expected, percentile=95, spacing=spacing)[0]
     nsd = surface_dice_per_label(prediction, truth, classes, tolerance, spacing, (predicted, expected))
     scores = CaseScores(case, scan.unit, tolerance, scan.volume_unit)
     for index, value in enumerate(range(1, classes)):
@@ -118,7 +129,8 @@ def surface_dice_per_label(
     absent from both masks scores 1 (nothing to find, nothing found), from one of them 0.
     ``one_hot``: the pair already encoded, when the caller has it."""
     predicted, expected = one_hot or (label_one_hot(prediction, classes), label_one_hot(truth, classes))
-    values = compute_surface_dice(predicted, expected, [tolerance] * (classes - 1), spacing=spacing)[0]
+    with _quiet_surface_distances():
+        values = compute_surface_dice(predicted, expected, [tolerance] * (classes - 1), spacing=spacing)[0]
     scores = []
     for index, value in enumerate(range(1, classes)):
         present = (prediction == value).any(), (truth == value).any()
