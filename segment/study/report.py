@@ -204,26 +204,21 @@ class SettingReport:
         """Each level switched off, then each network trained without skips: its change per
         band (distance or frequency) with intervals, then ``summarise`` of the bands that grew,
         per seed. The rows switched off are returned for the figures."""
+        def line(name: str, differences: list[Difference], reduced: Interval | None) -> list[str]:
+            return [name, *(_difference_cell(d, 1) for d in differences), reduced.text(2) if reduced else "-"]
+
         rows = self._banded(measure, columns)
-        lines = []
-        for mask, (name, differences) in zip(self.off_masks(), rows.items(), strict=True):
-            reduced = added_profile(self.results, mask, measure, summarise)
-            lines.append(
-                [name, *(_difference_cell(d, 1) for d in differences), reduced.text(2) if reduced else "-"]
-            )
+        lines = [
+            line(name, differences, added_profile(self.results, mask, measure, summarise))
+            for mask, (name, differences) in zip(self.off_masks(), rows.items(), strict=True)
+        ]
         for variant in self.level_variants():
             differences = [
                 trained_without(self.results, variant, measure, column) for column in range(len(columns))
             ]
             if differences[0] is not None:
                 reduced = trained_without_profile(self.results, variant, measure, summarise)
-                lines.append(
-                    [
-                        variant_name(variant, self.analysis),
-                        *(_difference_cell(d, 1) for d in differences),
-                        reduced.text(2) if reduced else "-",
-                    ]
-                )
+                lines.append(line(variant_name(variant, self.analysis), differences, reduced))
         return _table(["change", *columns, summary], lines), rows
 
     def boundary(self) -> tuple[list[str], dict[str, list[Difference]]]:

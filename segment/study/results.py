@@ -71,13 +71,17 @@ def interval(runs: list[AnalysedRun], measure: str, mask: str | None = None) -> 
     return seed_interval([float(_values(run.cases(mask), measure).mean()) for run in runs], (0.0, 1.0))
 
 
-def _paired(a_runs: list[AnalysedRun], b_runs: list[AnalysedRun], measure: str, a_mask, b_mask, column=None):
+def _same_seeds(
+    a_runs: list[AnalysedRun], b_runs: list[AnalysedRun]
+) -> list[tuple[AnalysedRun, AnalysedRun]]:
+    """Each run of ``b_runs`` with the run of the same seed in ``a_runs``, where there is one."""
     by_seed = {run.seed: run for run in a_runs}
+    return [(by_seed[run.seed], run) for run in b_runs if run.seed in by_seed]
+
+
+def _paired(a_runs: list[AnalysedRun], b_runs: list[AnalysedRun], measure: str, a_mask, b_mask, column=None):
     rows = []
-    for run in b_runs:
-        reference = by_seed.get(run.seed)
-        if reference is None:
-            continue
+    for reference, run in _same_seeds(a_runs, b_runs):
         a, b = _values(reference.cases(a_mask), measure), _values(run.cases(b_mask), measure)
         if column is not None:
             a, b = a[:, column], b[:, column]
@@ -126,11 +130,8 @@ def added_profile(results: SettingResults, mask: str, measure: str, summarise) -
 def trained_without_profile(results: SettingResults, variant: str, measure: str, summarise) -> Interval | None:
     """What training as ``variant`` adds to the errors of the network with every skip and no
     skip dropout, seed by seed, reduced by ``summarise`` (see ``_profile``)."""
-    references = {run.seed: run for run in results.seeds(NO_SKIP_DROPOUT)}
-    pairs = [
-        (references[run.seed].cases(), run.cases()) for run in results.seeds(variant) if run.seed in references
-    ]
-    return _profile(pairs, measure, summarise)
+    pairs = _same_seeds(results.seeds(NO_SKIP_DROPOUT), results.seeds(variant))
+    return _profile([(reference.cases(), run.cases()) for reference, run in pairs], measure, summarise)
 
 
 def near_share(added: np.ndarray) -> float:
@@ -156,13 +157,10 @@ def trained_without(
 def between_settings(a: SettingResults, b: SettingResults, variant: str, measure: str) -> Difference | None:
     """Setting ``b``'s ``variant`` minus setting ``a``'s, seed by seed and case by case (the
     cases they share, matched by name)."""
-    a_runs = {run.seed: run for run in a.seeds(variant)}
     rows = []
-    for run in b.seeds(variant):
-        if run.seed not in a_runs:
-            continue
-        a_cases = {case["case"]: case for case in a_runs[run.seed].cases()}
-        b_cases = {case["case"]: case for case in run.cases()}
+    for a_run, b_run in _same_seeds(a.seeds(variant), b.seeds(variant)):
+        a_cases = {case["case"]: case for case in a_run.cases()}
+        b_cases = {case["case"]: case for case in b_run.cases()}
         shared = sorted(a_cases.keys() & b_cases.keys())
         if shared:
             rows.append(
